@@ -1,0 +1,491 @@
+"""A Qwen2.5-compatible decoder in plain PyTorch: loader, tokenizer, batched KV-cache sampling.
+
+The network (Qwen2 architecture, as used by every Qwen2.5 model):
+
+    x = embed_tokens[ids]                                       # [B, T, D]
+    for each layer:
+        h = x + o_proj(attention(rope(q_proj(rms(x))), rope(k_proj(rms(x))), v_proj(rms(x))))
+        x = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+    logits = lm_head(rms(x))                                    # [B, T, vocab]
+
+q/k/v projections carry a bias, o/gate/up/down do not. Attention is grouped-query: n_heads query
+heads share n_kv_heads key/value heads. RoPE uses the "rotate half" layout of Hugging Face.
+
+Parameter names are exactly the Hugging Face checkpoint names (`model.layers.3.self_attn.q_proj.weight`,
+...), so loading a checkpoint is one `load_state_dict` with every name and shape checked first.
+
+Padding convention, used everywhere in this project: a batch of prompts of different lengths is
+LEFT-padded, and `start[b]` is the number of pad tokens in front of row b. Positions are counted
+from each row's first real token and keys before `start[b]` are masked out. Masks are always built
+from lengths, never by comparing tokens with a pad id (Qwen's pad and end-of-text share an id).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # MLP width
+    num_hidden_layers: int
+    num_attention_heads: int  # query heads
+    num_key_value_heads: int  # key/value heads (GQA: query heads per kv head = ratio)
+    head_dim: int  # usually hidden_size // num_attention_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    dtype: str = "float32"  # the checkpoint's stored dtype
+    eos_token_ids: list = field(default_factory=list)  # from config.json, if any
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file and key."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_config(path):
+    """Read a Qwen2 `config.json` in either layout (older: top-level `rope_theta`, `torch_dtype`;
+    newer transformers: `rope_parameters.rope_theta`, `dtype`). Refuses what this model does not
+    implement rather than silently computing something else."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: missing; a checkpoint folder needs config.json")
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if c.get("model_type") != "qwen2":
+        raise CheckpointError(f"{file}: model_type {c.get('model_type')!r} is not supported; only 'qwen2' (Qwen2/Qwen2.5) is")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(c.get(key), int) or c[key] <= 0:
+            raise CheckpointError(f"{file}: key {key!r} must be a positive integer, got {c.get(key)!r}")
+    if c.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{file}: hidden_act {c['hidden_act']!r} is not supported; only 'silu'")
+
+    rope = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise CheckpointError(f"{file}: rope type {rope_type!r} is not supported; only plain RoPE (no rope_scaling)")
+    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+
+    layer_types = c.get("layer_types") or []
+    if c.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        raise CheckpointError(f"{file}: sliding-window attention (use_sliding_window/layer_types) is not supported")
+
+    eos = c.get("eos_token_id")
+    heads = c["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        rope_theta=float(theta),
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(c.get("max_position_embeddings", 32768)),
+        dtype=c.get("dtype") or c.get("torch_dtype") or "float32",
+        eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 whatever the weight dtype."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """cos/sin tables for integer positions [B, T] -> [B, 1, T, head_dim] each (computed in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions[..., None].float() * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [B, T, head_dim] ("rotate half" layout)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + head_dim/2) of x [B, H, T, head_dim] by the position angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # [B, Hkv, cached + T, hd]
+        if self.n_kv != self.n_heads:  # grouped-query attention: each kv head serves n_heads/n_kv heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Holds the `model.*` parameters: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer: [B, Hkv, max_len, hd]. All rows share one write
+    position `length` (prompts are left-padded to a common length); `start[b]` marks row b's
+    first real token, so keys before it are never attended to."""
+
+    def __init__(self, cfg: ModelConfig, batch, max_len, start, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.start = start  # [B] left-pad counts
+        self.length = 0  # positions filled so far (same for every row)
+
+    def update(self, layer, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def repeat_interleave(self, n):
+        """Give every row n copies (G samples per prompt share one prefill)."""
+        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+        self.start = self.start.repeat_interleave(n)
+
+
+class Transformer(nn.Module):
+    """Qwen2ForCausalLM-compatible: `model(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(self, input_ids, start=None, cache=None):
+        """Final-normed hidden states [B, T, D]. `start` [B]: left-pad count per row (default 0).
+        With a cache, input_ids continue the cached sequence and the cache is extended."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        if cache is not None:
+            start = cache.start
+        elif start is None:
+            start = torch.zeros(B, dtype=torch.long, device=device)
+        past = cache.length if cache is not None else 0
+        key_pos = torch.arange(past + T, device=device)  # absolute slot of every key
+        query_pos = key_pos[past:]
+        positions = (query_pos[None, :] - start[:, None]).clamp(min=0)  # [B, T] rope positions
+        # key j is visible to query i when start[b] <= j <= i; pad queries see only themselves, which
+        # keeps their (ignored) outputs finite instead of NaN from an all-masked softmax row.
+        mask = (key_pos[None, None, :] <= query_pos[None, :, None]) & (key_pos[None, None, :] >= start[:, None, None])
+        mask = (mask | (key_pos[None, None, :] == query_pos[None, :, None]))[:, None]  # [B, 1, T, past+T]
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, start=None, cache=None):
+        return self.lm_head(self.hidden_states(input_ids, start, cache))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a Hugging Face checkpoint folder
+
+
+def _read_safetensors(path, device):
+    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index (needs a 'weight_map'): {e}") from None
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(single):
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json; is this a checkpoint folder?")
+
+    tensors = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing shard listed in {os.path.basename(index)}")
+        try:
+            shard = load_file(file, device=str(device))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+        if weight_map is not None:
+            for key in shard:
+                if weight_map.get(key) != name:
+                    raise CheckpointError(f"{file}: tensor {key!r} is not listed for this shard in {os.path.basename(index)}")
+        tensors.update(shard)
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if key not in tensors:
+                raise CheckpointError(f"{os.path.join(path, name)}: tensor {key!r} listed in the index is missing")
+    return tensors
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path, dtype=None, device=None):
+    """Load a Qwen2/Qwen2.5 Hugging Face folder. dtype: None (the checkpoint's), torch.float32 or
+    torch.bfloat16 (or their names). device: None (cuda if available, else cpu). Returns the
+    model in eval mode with every parameter frozen (adapters unfreeze their own)."""
+    cfg = read_config(path)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    dtype = dtype or _DTYPES.get(cfg.dtype, torch.float32)
+    device = torch.device(device) if device is not None else default_device()
+
+    tensors = _read_safetensors(path, "cpu")
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    where = os.path.join(path, "model.safetensors*")
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"{where}: tensor {key!r} is missing")
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)}, config.json implies {tuple(shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} in all) for a Qwen2 model")
+
+    state = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and the Qwen chat format
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+class Tokenizer:
+    """`tokenizers.Tokenizer` plus what sampling needs: the ChatML prompt format, end-of-turn ids
+    and the pad id. Built by `load_tokenizer`."""
+
+    def __init__(self, tok, end_ids, pad_id):
+        self.tok = tok
+        self.end_ids = end_ids  # generation stops at any of these; the end token is part of the completion
+        self.pad_id = pad_id  # fills rows after their end (never used to build masks)
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token):
+        return self.tok.token_to_id(token)
+
+    @staticmethod
+    def chat_prompt(user, system=None):
+        """Qwen2.5's ChatML prompt, ending with the assistant header so the model writes the answer."""
+        system = QWEN_DEFAULT_SYSTEM if system is None else system
+        return (f"<|im_start|>system\n{system}<|im_end|>\n"
+                f"<|im_start|>user\n{user}<|im_end|>\n"
+                f"<|im_start|>assistant\n")
+
+    def encode_chat(self, user, system=None):
+        return self.encode(self.chat_prompt(user, system))
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: missing; the tokenizer is read from tokenizer.json")
+    try:
+        tok = HFTokenizer.from_file(file)
+    except Exception as e:  # the tokenizers library raises bare Exceptions for malformed files
+        raise CheckpointError(f"{file}: not a valid tokenizers file: {e}") from None
+    end_ids = [tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>") if tok.token_to_id(t) is not None]
+    for name in ("generation_config.json", "config.json"):
+        extra = os.path.join(path, name)
+        if os.path.isfile(extra):
+            with open(extra) as f:
+                eos = json.load(f).get("eos_token_id")
+            end_ids += [eos] if isinstance(eos, int) else list(eos or [])
+    end_ids = list(dict.fromkeys(end_ids))  # de-duplicated, order kept
+    if not end_ids:
+        raise CheckpointError(f"{file}: no end-of-turn token (<|im_end|> or <|endoftext|>) and no eos_token_id in the configs")
+    pad = tok.token_to_id("<|endoftext|>")
+    return Tokenizer(tok, end_ids, end_ids[-1] if pad is None else pad)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [N, L] completion ids; positions >= lengths[n] hold the pad id
+    lengths: torch.Tensor  # [N] tokens per completion, the end token included when one was drawn
+    logprobs: torch.Tensor  # [N, L] log-prob of each drawn token under softmax(logits / temperature)
+
+
+def left_pad(prompts, pad_id, device=None):
+    """List of token-id lists -> (ids [B, T] left-padded, start [B] pad counts)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+    start = torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), start.to(device)
+
+
+def _sample(logits, temperature, top_p, generator):
+    """logits [N, V] fp32 -> (token [N], log-prob of it under softmax(logits / temperature))."""
+    if temperature == 0:
+        token = logits.argmax(-1)
+        return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, end_ids, pad_id, temperature=1.0, top_p=1.0,
+             num_samples=1, generator=None):
+    """Sample `num_samples` completions for each prompt (a list of token-id lists).
+
+    The prompts are prefilled once as a left-padded batch; the KV cache is then copied
+    `num_samples` times, so G samples of a prompt never re-run it. Rows stop independently at any
+    id in `end_ids`; the loop ends when every row has stopped or after `max_new_tokens`.
+    Returns a Generation with N = len(prompts) * num_samples rows, samples of a prompt adjacent.
+    temperature 0 = greedy. `generator`: a torch.Generator on the model's device, for
+    reproducible sampling."""
+    device = next(model.parameters()).device
+    ids, start = left_pad(prompts, pad_id, device)
+    cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, start,
+                    next(model.parameters()).dtype, device)
+    logits = model(ids, cache=cache)[:, -1].float()  # [B, V]
+    if num_samples > 1:
+        cache.repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+
+    N = logits.shape[0]
+    end_ids = torch.tensor(list(end_ids), device=device)
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, max_new_tokens, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        token, logp = _sample(logits, temperature, top_p, generator)
+        token = token.masked_fill(done, pad_id)
+        tokens[:, t] = token
+        logprobs[:, t] = logp.masked_fill(done, 0.0)
+        lengths += (~done).long()
+        done |= torch.isin(token, end_ids)
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+        logits = model(token[:, None], cache=cache)[:, -1].float()
+    L = int(lengths.max()) if N else 0
+    return Generation(tokens[:, :L], lengths, logprobs[:, :L])

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random Qwen2 checkpoints written by `transformers` (the test-only
+numerical reference) and a small tokenizer with Qwen's special tokens."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(1)  # tiny models: one thread is fastest and keeps runs deterministic
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()+-*/=#$%\n"
+
+
+def write_tokenizer(path):
+    """A character-level `tokenizer.json`: three Qwen special tokens, then one id per character."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for c in CHARS:
+        vocab.setdefault(c, len(vocab))
+    vocab["<unk>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return len(vocab)
+
+
+def write_checkpoint(path, *, layers=2, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=None,
+                     vocab=None, tie=False, seed=0, old_layout=False, max_shard_size=None, theta=10000.0):
+    """Save a random Qwen2ForCausalLM with `save_pretrained` (+ tokenizer). Returns the HF model."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    os.makedirs(path, exist_ok=True)
+    n_vocab = write_tokenizer(path)
+    kw = dict(head_dim=head_dim) if head_dim else {}
+    cfg = Qwen2Config(vocab_size=vocab or n_vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      tie_word_embeddings=tie, max_position_embeddings=512, rope_theta=theta,
+                      eos_token_id=2, pad_token_id=0, **kw)
+    torch.manual_seed(seed)
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF init is tiny (std 0.02): widen it so the logits actually differ per token
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    hf.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if old_layout:  # rewrite config.json as transformers 4.x wrote it
+        file = os.path.join(path, "config.json")
+        with open(file) as f:
+            c = json.load(f)
+        c["rope_theta"] = c.pop("rope_parameters")["rope_theta"]
+        c["torch_dtype"] = c.pop("dtype")
+        c.pop("layer_types", None)
+        with open(file, "w") as f:
+            json.dump(c, f)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """(path, hf_model) of a 2-layer untied random checkpoint, shared by the whole session."""
+    path = str(tmp_path_factory.mktemp("tiny"))
+    return path, write_checkpoint(path)
