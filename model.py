@@ -79,9 +79,9 @@ def read_config(path):
 
     rope = c.get("rope_parameters") or {}
     scaling = c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise CheckpointError(f"{file}: rope type {rope_type!r} is not supported; only plain RoPE (no rope_scaling)")
+    for rope_type in (rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+        if rope_type not in (None, "default"):
+            raise CheckpointError(f"{file}: rope type {rope_type!r} is not supported; only plain RoPE (no rope_scaling)")
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
 
     layer_types = c.get("layer_types") or []
