@@ -1,0 +1,285 @@
+"""Problems, prompts and the exact-match reward (paper: "exact-match reward", GSM8K and MATH).
+
+Data. A problem file is JSON lines, one `{"question": ..., "answer": ...}` object per line:
+
+    GSM8K          "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips ... #### 72"
+    MATH-style     "answer": "... so the answer is $\\boxed{\\frac{3}{4}}$."
+    bare           "answer": "72"   (or the JSON number 72)
+
+`load_problems` reads either kind into `Problem(question, answer_text, target)`, where `target` is
+the normalised final answer (`final_answer` below). Nothing is skipped: a line that cannot be used
+raises `DataError` naming the file, the line and what to fix.
+
+Prompt. `make_prompt` writes the question, a space, then the instruction (default: the authors'
+`Let's think step by step and output the final answer after "####".`, joined with a space exactly
+as in their verl preprocessing script) into the Qwen chat format of model.py.
+
+Answer checks, given a completion's text:
+
+    strict    the number after the LAST well-formed `#### <number>` (the paper's reward)
+    flexible  the last number anywhere in the text (reported next to strict: part of a
+              strict-check gain is only format)
+    boxed     the content of the last `\\boxed{...}` (nested braces matched), for MATH-style data
+
+Numbers are normalised before comparing: `$`, thousands commas, a leading `+`, a trailing `%` and
+surrounding spaces are dropped, and the value is compared exactly as a fraction, so
+`1,234.50` == `1234.5`, `72.00` == `72`, `3/4` == `0.75` == `\\frac{3}{4}`. A percentage is
+compared as its number (`50%` == `50`), because GSM8K writes percentage answers without the sign.
+Non-numeric boxed answers (`\\sqrt{2}`, `x+1`) are compared as strings after removing spaces and
+`\\left`/`\\right`/`\\dfrac`-style spelling variants; this is not a symbolic-equivalence checker.
+
+Reward: 1.0 for a correct answer, else `format_bonus` (0 by default) when the check found an
+answer at all (for strict: a well-formed `#### N`), else 0. No answer check raises on any string.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+DEFAULT_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
+
+MAX_DIGITS = 100  # a longer string of digits is not read as a number (int() refuses > 4300 digits)
+
+
+class DataError(ValueError):
+    """A problem file that cannot be used; the message is `file:line: what is wrong and what to do`."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer_text: str  # the reference solution as written in the file
+    target: str  # normalised final answer, comparable with `normalize_answer(...)` of a completion's
+    demonstration: str | None = None  # text to imitate for SFT (load_problems' sft_field), else None
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers and their normal form
+
+# One number as people and models write it: optional sign (not right after a letter, digit or
+# `)`: the 3 in `x-3` or `5-3` is positive), `$`, digits with thousands commas (1,234,567) or
+# plain digits, optional decimals, optionally `/ denominator`, optional `%`. ASCII only.
+_INT = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+_DECIMAL = rf"{_INT}(?:\.\d+)?"
+NUMBER = rf"(?:(?<![\w)])[-+])?\$?{_DECIMAL}(?:\s*/\s*{_DECIMAL})?%?"
+_NUMBER_RE = re.compile(NUMBER, re.ASCII)
+_STRICT_RE = re.compile(rf"####[ \t]*\$?[ \t]*({NUMBER})", re.ASCII)
+_PLAIN_RE = re.compile(rf"[-+]?{_DECIMAL}", re.ASCII)
+_LATEX_FRAC_RE = re.compile(r"(-?)\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+
+
+def _to_fraction(text):
+    """'-1,234.5' -> Fraction(-2469, 2); None unless text is one plain decimal of at most
+    MAX_DIGITS characters."""
+    if len(text) > MAX_DIGITS or not _PLAIN_RE.fullmatch(text):
+        return None
+    return Fraction(text.replace(",", ""))
+
+
+def _format(value):
+    """Canonical text of a Fraction: '72', '-2.5', '0.75'; '1/3' when the decimal does not end."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    d = value.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    if d != 1:
+        return f"{value.numerator}/{value.denominator}"
+    digits = 0
+    while (value * 10**digits).denominator != 1:
+        digits += 1
+    sign = "-" if value < 0 else ""
+    whole, frac = divmod(abs(value.numerator) * 10**digits // value.denominator, 10**digits)
+    return f"{sign}{whole}.{frac:0{digits}d}"
+
+
+def normalize_number(text):
+    """Canonical text of a written number, or None when `text` is not one number.
+    '$1,234.50' -> '1234.5', '+72.00' -> '72', '3/4' and '\\frac{3}{4}' -> '0.75', '50%' -> '50',
+    '1/3' -> '1/3'."""
+    text = text.strip().replace("$", "").replace(" ", "").removesuffix("%").removeprefix("+")
+    latex = _LATEX_FRAC_RE.fullmatch(text)
+    num, _, den = (latex.group(1) + latex.group(2), "/", latex.group(3)) if latex else text.partition("/")
+    num = _to_fraction(num)
+    if num is None:
+        return None
+    if not den:
+        return _format(num)
+    den = _to_fraction(den)
+    if den is None or den == 0:
+        return None
+    return _format(num / den)
+
+
+def normalize_answer(text):
+    """Normal form of a final answer: a number's canonical text, else the text without spaces
+    and LaTeX spelling variants (for MATH answers such as `\\sqrt{2}`)."""
+    number = normalize_number(text)
+    if number is not None:
+        return number
+    text = re.sub(r"\\(?:left|right|!|,|;|:)", "", text)
+    text = re.sub(r"\\[dt]frac", r"\\frac", text)
+    return re.sub(r"\s+", "", text).strip("$.")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the final answer in a text
+
+
+def extract_strict(text):
+    """Normalised number after the last well-formed `#### <number>`, or None. `####` followed by
+    no number does not count, so `#### 5 ... ####` gives '5' (verl's `findall(...)[-1]` rule)."""
+    matches = _STRICT_RE.findall(text)
+    return normalize_number(matches[-1]) if matches else None
+
+
+def extract_flexible(text):
+    """Normalised last number in the text, or None."""
+    matches = _NUMBER_RE.findall(text)
+    return normalize_number(matches[-1]) if matches else None
+
+
+def last_boxed(text):
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), nested braces matched; None when
+    there is none or its braces never close."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_boxed(text):
+    """Normalised content of the last `\\boxed{...}`, or None."""
+    content = last_boxed(text)
+    return None if content is None else normalize_answer(content)
+
+
+EXTRACTORS = {"strict": extract_strict, "flexible": extract_flexible, "boxed": extract_boxed}
+
+
+def check_mode(mode):
+    if mode not in EXTRACTORS:
+        raise ValueError(f"answer check {mode!r}: use one of {sorted(EXTRACTORS)}")
+
+
+def is_correct(completion, target, mode="strict"):
+    """Does the answer that `mode` finds in `completion` equal `target` (already normalised)?"""
+    check_mode(mode)
+    answer = EXTRACTORS[mode](completion)
+    return answer is not None and answer == target
+
+
+def reward(completion, target, mode="strict", format_bonus=0.0):
+    """1.0 when correct; `format_bonus` when `mode` found an answer that is wrong; else 0.0."""
+    check_mode(mode)
+    answer = EXTRACTORS[mode](completion)
+    if answer is None:
+        return 0.0
+    return 1.0 if answer == target else float(format_bonus)
+
+
+@dataclass
+class Scores:
+    rewards: list  # [N] floats, the training signal
+    correct: list  # [N] bools under the reward's check (`mode`)
+    flexible: list  # [N] bools under the last-number check, reported next to `correct`
+
+
+def score(completions, targets, mode="strict", format_bonus=0.0):
+    """Rewards and correctness of N completion texts against N normalised targets."""
+    if len(completions) != len(targets):
+        raise ValueError(f"score: {len(completions)} completions but {len(targets)} targets; repeat each "
+                         "target once per sample")
+    return Scores(rewards=[reward(c, t, mode, format_bonus) for c, t in zip(completions, targets)],
+                  correct=[is_correct(c, t, mode) for c, t in zip(completions, targets)],
+                  flexible=[is_correct(c, t, "flexible") for c, t in zip(completions, targets)])
+
+
+# --------------------------------------------------------------------------------------------
+# Problem files
+
+
+def final_answer(answer):
+    """Normalised final answer of a reference solution: the number after the last `####`
+    (GSM8K), else the last `\\boxed{}` (MATH), else the whole text as one number. Raises
+    ValueError with the reason when there is none."""
+    if "####" in answer:
+        number = extract_strict(answer)
+        if number is None:
+            raise ValueError("the answer has '####' but no number after it; write '#### <number>'")
+        return number
+    if "\\boxed{" in answer or "\\fbox{" in answer:
+        boxed = extract_boxed(answer)
+        if not boxed:
+            raise ValueError("the answer's last \\boxed{...} is empty or its braces do not close")
+        return boxed
+    number = normalize_number(answer)
+    if number is None:
+        raise ValueError(f"no final answer in {answer[:60]!r}: end it with '#### <number>', put it in "
+                         "\\boxed{...}, or make the whole answer one number")
+    return number
+
+
+def load_problems(path, sft_field=None):
+    """Read a JSON-lines problem file (GSM8K or MATH-style, see the top of this file) into a list
+    of Problem. `answer` may be a string or a JSON number; blank lines are allowed; anything else
+    unusable raises DataError('file:line: ...'). sft_field: the key whose string becomes each
+    problem's `demonstration` (for SFT; GSM8K's worked solution is 'answer'), required on every
+    line when given."""
+    problems = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
+                                "one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object with 'question' and 'answer', got "
+                                f"{type(row).__name__}")
+            for key in ("question", "answer"):
+                if key not in row:
+                    raise DataError(f"{where}: missing key {key!r}; each line needs 'question' and 'answer'")
+            question, answer = row["question"], row["answer"]
+            if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+                answer = str(answer)
+            if not isinstance(question, str) or not question.strip():
+                raise DataError(f"{where}: 'question' must be a non-empty string, got {question!r:.60}")
+            if not isinstance(answer, str):
+                raise DataError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+            try:
+                target = final_answer(answer)
+            except ValueError as e:
+                raise DataError(f"{where}: {e}") from None
+            demonstration = None
+            if sft_field is not None:
+                demonstration = row.get(sft_field)
+                if not isinstance(demonstration, str) or not demonstration.strip():
+                    raise DataError(f"{where}: SFT needs a non-empty string in {sft_field!r} on every line, got "
+                                    f"{demonstration!r:.60}")
+            problems.append(Problem(question, answer, target, demonstration))
+    if not problems:
+        raise DataError(f"{path}:1: the file has no problems; expected one JSON object per line")
+    return problems
+
+
+def make_prompt(tokenizer, question, instruction=DEFAULT_INSTRUCTION, system=None):
+    """Token ids of the chat prompt for one question: user turn = question + ' ' + instruction
+    (the instruction left out when empty); `system` None = Qwen's default system prompt."""
+    user = f"{question} {instruction}" if instruction else question
+    return tokenizer.encode_chat(user, system)
