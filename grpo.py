@@ -385,6 +385,19 @@ class StepStats:
     updates: int  # optimizer steps taken
 
 
+class NonFiniteError(ArithmeticError):
+    """A loss or gradient that is inf/NaN: the update is refused before the optimizer moves."""
+
+
+def clip_gradients(params, max_norm, loss):
+    """Clip the gradient of `params` to `max_norm` (None = no clipping) and return its norm before
+    clipping; raise NonFiniteError, leaving the parameters untouched, when loss or norm is not finite."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf))
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise NonFiniteError(f"non-finite loss ({loss}) or gradient norm ({norm})")
+    return norm
+
+
 def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, scheduler=None):
     """One GRPO step on a rollout batch and its rewards [P, G]: prepare it, then for each epoch
     and each of cfg.mini_batches consecutive slices of prompts: zero_grad, grpo_backward
@@ -402,8 +415,7 @@ def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, scheduler
             optimizer.zero_grad(set_to_none=True)
             rows = slice(first * G, min(first + prompts_per_step, P) * G)
             parts.append(grpo_backward(model, batch_rows(batch, rows), cfg.micro_batch_size, cfg))
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            norms.append(clip_gradients(params, cfg.max_grad_norm, parts[-1].loss))
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()

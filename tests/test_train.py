@@ -1,0 +1,222 @@
+"""train.py end to end: a short run on a tiny random checkpoint and on the embedded default,
+resume after SIGKILL, atomic checkpoints, Ctrl-C, non-finite stops, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import grpo
+import train
+from conftest import write_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBLEMS = [("Tom has {a} apples. He buys {b} more. How many apples does Tom have now?", lambda a, b: a + b),
+            ("Mia has {a} coins. She loses {b}. How many coins does Mia have now?", lambda a, b: a - b)]
+
+
+def write_data(path, n, start=0):
+    with open(path, "w") as f:
+        for i in range(start, start + n):
+            text, answer = PROBLEMS[i % 2]
+            a, b = 5 + i % 4, 1 + i % 4  # one-digit answers: a random model's last digit is sometimes right
+            row = {"question": text.format(a=a, b=b), "answer": f"{a} and {b} give {answer(a, b)}.\n#### {answer(a, b)}"}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny checkpoint and GSM8K-format train/eval files."""
+    root = tmp_path_factory.mktemp("train")
+    write_checkpoint(str(root / "ckpt"), layers=2, hidden=32, intermediate=48, heads=2, kv_heads=1)
+    return {"model": str(root / "ckpt"), "train": write_data(root / "train.jsonl", 16),
+            "eval": write_data(root / "eval.jsonl", 6, start=100), "root": root}
+
+
+def tiny_args(setup, out, *extra):
+    return ["--model", setup["model"], "--train-data", setup["train"], "--eval-data", setup["eval"], "--out", str(out),
+            "--steps", "3", "--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "8", "--micro-batch", "5",
+            "--threads", "1", "--device", "cpu", "--lr", "0.05", "--reward", "flexible", "--u", "2", "--n-tie", "4", *extra]
+
+
+def test_short_grpo_run_on_a_real_checkpoint_writes_every_output(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_args(setup, out, "--mini-batches", "2", "--clip-high", "0.4", "--tis-cap", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "trainable parameters: 8" in printed  # 2 layers x 7 modules, n_tie 4 -> 4 groups of u = 2
+    assert "step 3/3" in printed and "tok/s" in printed and "ETA" in printed
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert {"reward", "acc_strict", "acc_flexible", "length", "clip_frac", "kl", "zero_adv_groups"} <= set(metrics[0])
+    summary = json.load(open(out / "summary.json"))
+    assert summary["trainable_parameters"] == 8 and set(summary["after"]) == {"greedy", "sampled"}
+    assert summary["command"].startswith("python")
+    assert load_file(str(out / "adapter.safetensors"))["v"].shape == (4, 2)
+    assert set(os.listdir(out)) >= {"args.json", "metrics.jsonl", "checkpoint.safetensors", "adapter.safetensors",
+                                    "summary.json", "before.json"}
+
+
+def test_sft_and_eval_only_with_the_trained_adapter(setup, tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert train.main(tiny_args(setup, out, "--algo", "sft", "--method", "lora-xs", "--u", "1")) == 0
+    capsys.readouterr()
+    code = train.main(["--eval-only", "--model", setup["model"], "--eval-data", setup["eval"], "--adapter",
+                       str(out / "adapter.safetensors"), "--max-new-tokens", "8", "--device", "cpu"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.load(open(out / "summary.json"))
+    assert result["greedy"] == summary["after"]["greedy"]  # the saved adapter reproduces the run's own evaluation
+    assert load_file(str(out / "adapter.safetensors"))["R"].abs().sum() > 0  # trained away from zero
+
+
+def test_embedded_default_runs_a_few_steps(tmp_path, capsys):
+    out = tmp_path / "default"
+    assert train.main(["--out", str(out), "--steps", "2", "--eval-limit", "16", "--prompts-per-step", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable parameters: 13" in printed
+    assert "before" in printed and "after" in printed and "adapter: " in printed and "bytes" in printed
+    assert json.load(open(out / "summary.json"))["trainable_parameters"] == 13
+
+
+def _run(args, **kw):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_for_lines(path, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never reached {n} lines")
+
+
+def test_resume_after_sigkill_ends_with_the_same_adapter(setup, tmp_path):
+    args = ["--steps", "5", "--save-every", "1", "--eval-limit", "2"]
+    straight = _run(tiny_args(setup, tmp_path / "straight", *args))
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+
+    killed = _run(tiny_args(setup, tmp_path / "killed", *args))
+    _wait_for_lines(tmp_path / "killed" / "metrics.jsonl", 2, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not os.path.exists(tmp_path / "killed" / "adapter.safetensors")
+    resumed = _run(["--resume", "--out", str(tmp_path / "killed")])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and "resumed" in output, output
+    a = load_file(str(tmp_path / "straight" / "adapter.safetensors"))["v"]
+    b = load_file(str(tmp_path / "killed" / "adapter.safetensors"))["v"]
+    assert torch.equal(a, b)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = _run(tiny_args(setup, out, "--steps", "200", "--save-every", "0", "--eval-limit", "2"))
+    _wait_for_lines(out / "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "checkpoint saved" in output and "Traceback" not in output
+    assert os.path.exists(out / "checkpoint.safetensors")
+
+
+def test_a_kill_during_checkpoint_save_leaves_the_previous_one_readable(setup, tmp_path, monkeypatch):
+    out = tmp_path / "atomic"
+    assert train.main(tiny_args(setup, out, "--steps", "1", "--eval-limit", "2")) == 0
+    before = load_file(str(out / "checkpoint.safetensors"))
+
+    def dies_half_way(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 100)  # a partial file, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.torch.save_file", dies_half_way)
+    adapter = type("A", (), {"tensors": {"v": torch.ones(2)}})()
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(str(out / "checkpoint.safetensors"), adapter, optimizer, 9, torch.Generator())
+    after = load_file(str(out / "checkpoint.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_adapter(setup, tmp_path, monkeypatch, capsys):
+    real = grpo.sequence_logprobs
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):  # the second SFT step's log-probs turn NaN
+        logp = real(*args, **kw)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] > 1:
+                return logp * float("nan")
+        return logp
+
+    monkeypatch.setattr(grpo, "sequence_logprobs", poisoned)
+    out = tmp_path / "nan"
+    code = train.main(tiny_args(setup, out, "--algo", "sft", "--micro-batch", "12", "--eval-limit", "2"))
+    err = capsys.readouterr().err
+    assert code == 1 and "non-finite" in err and "last good adapter" in err
+    v = load_file(str(out / "adapter.safetensors"))["v"]
+    assert torch.isfinite(v).all() and v.abs().sum() > 0  # step 1's update, not step 2's NaN
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"--model": "/nonexistent"}, "config.json: missing"),
+    ({"--u": "0"}, "--u must be >= 1"),
+    ({"--n-tie": "99"}, "n_tie=99 is more than the 14 target modules"),
+    ({"--r": "500"}, "r=500 exceeds the smallest target dimension"),
+    ({"--samples": "1"}, "--samples must be >= 2"),
+    ({"--lr": "-1"}, "--lr must be a finite number >= 0"),
+    ({"--train-data": "BROKEN"}, "train.jsonl:3: not valid JSON"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(setup, tmp_path, capsys, change, expected):
+    args = tiny_args(setup, tmp_path / "run")
+    if change.get("--train-data") == "BROKEN":
+        lines = open(setup["train"]).read().splitlines()
+        lines[2] = '{"question": "x", '
+        (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+        change = {"--train-data": str(tmp_path / "train.jsonl")}
+    for flag, value in change.items():
+        args += [flag, value]  # the last occurrence of a flag wins
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_flag_value_exits_2(setup, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(tiny_args(setup, tmp_path / "run", "--method", "dora"))
+    assert e.value.code == 2 and not (tmp_path / "run").exists()
+
+
+def test_existing_run_folder_is_not_overwritten(setup, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert train.main(tiny_args(setup, out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_adapter_for_another_model_is_refused(setup, tmp_path, capsys):
+    other = tmp_path / "other"
+    write_checkpoint(str(other), layers=2, hidden=32, intermediate=48, heads=2, kv_heads=1, seed=7)
+    out = tmp_path / "run"
+    assert train.main(tiny_args(setup, out, "--steps", "1", "--eval-limit", "2")) == 0
+    capsys.readouterr()
+    code = train.main(["--eval-only", "--model", str(other), "--eval-data", setup["eval"], "--adapter",
+                       str(out / "adapter.safetensors"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "adapter.safetensors" in err and "\n" not in err
