@@ -1,0 +1,362 @@
+"""tinylora.py: parameter counts, exactness at v = 0, gradients, merge/unmerge, reproducible P,
+SVD accuracy and cache, the adapter file and its PEFT export."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import tinylora
+from model import ModelConfig, Transformer, load_model
+from tinylora import TARGETS, AdapterError, TinyLoRAConfig, attach, load_adapter, save_adapter
+
+TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+TIED = ("tinylora", "lora-xs")
+
+
+def tiny_model(layers=2, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(num_hidden_layers=layers, **TINY)).to(dtype).eval()
+
+
+def shapes(cfg):
+    """(out, in) of each target type, from the config alone."""
+    D, I = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
+            "gate_proj": (I, D), "up_proj": (I, D), "down_proj": (D, I)}
+
+
+def randomize(adapter, std=1.0, seed=1):
+    """Give every trainable tensor nonzero values (a 'trained' adapter)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g).to(p))
+
+
+def bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def ids(batch=2, length=7, seed=0):
+    return torch.randint(0, 32, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# Counts and configuration
+
+
+@st.composite
+def configs(draw):
+    layers = draw(st.integers(1, 3))
+    targets = tuple(draw(st.lists(st.sampled_from(TARGETS), min_size=1, max_size=7, unique=True)))
+    method = draw(st.sampled_from(tinylora.METHODS))
+    n_modules = layers * len(targets)
+    return layers, TinyLoRAConfig(method=method, r=draw(st.integers(1, 3)), targets=targets,
+                                  u=draw(st.integers(1, 4)) if method == "tinylora" else 1,
+                                  n_tie=draw(st.integers(1, n_modules)) if method in TIED else 1,
+                                  tiling=draw(st.sampled_from(tinylora.TILINGS)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(configs())
+def test_trainable_count_matches_the_formula(case):
+    layers, c = case
+    model = tiny_model(layers)
+    adapter, n = attach(model, c, cache_dir=None, quiet=True)
+    N, by_type = layers * len(c.targets), shapes(model.config)
+    groups = math.ceil(N / c.n_tie) if c.tiling == "tiled" else len(c.targets) * math.ceil(layers / c.n_tie)
+    expected = {"tinylora": c.u * groups, "lora-xs": c.r * c.r * groups,
+                "lora": layers * sum(c.r * sum(by_type[t]) for t in c.targets),
+                "full": layers * sum(math.prod(by_type[t]) for t in c.targets)}[c.method]
+    assert n == adapter.num_trainable == expected == tinylora.count_trainable(model, c)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == (N if c.method == "full" else 0)  # everything else frozen
+    assert all(p.requires_grad for p in adapter.parameters())
+
+
+def test_paper_counts_for_qwen25_7b():
+    with torch.device("meta"):
+        model = Transformer(tinylora.QWEN25["7B"])
+    assert tinylora.count_trainable(model, TinyLoRAConfig(n_tie=16)) == 13
+    assert tinylora.count_trainable(model, TinyLoRAConfig(n_tie=4)) == 49
+    assert tinylora.tie_choices(model, 13)[0] == (1, 16, 13)
+    assert tinylora.tie_choices(28, 196)[:2] == [(1, 1, 196), (2, 2, 196)]
+
+
+def test_tie_groups_tiled_and_structured():
+    kinds = ["q_proj", "k_proj"] * 3  # 3 layers of two types, depth order
+    assert tinylora.tie_groups(kinds, 4, "tiled") == [0, 0, 0, 0, 1, 1]
+    assert tinylora.tie_groups(kinds, 2, "structured") == [0, 2, 0, 2, 1, 3]  # q: 0,0,1  k: 2,2,3
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(method="dora"), "method"), (dict(tiling="diagonal"), "tiling"), (dict(targets=("q",)), "targets"),
+    (dict(targets=()), "targets"), (dict(u=0), "u"), (dict(n_tie=0), "n_tie"), (dict(r=0), "r"),
+    (dict(method="lora", n_tie=2), "n_tie"), (dict(method="lora-xs", u=3), "u"), (dict(svd="full"), "svd"),
+    (dict(dtype=torch.int8), "dtype"), (dict(scale=float("nan")), "scale")])
+def test_invalid_config_is_refused_in_one_line(kwargs, word):
+    with pytest.raises(ValueError, match=word) as e:
+        TinyLoRAConfig(**kwargs)
+    message = str(e.value)
+    assert "\n" not in message and ("use " in message or "must" in message)
+
+
+@pytest.mark.parametrize("kwargs, word", [(dict(n_tie=15), "n_tie"), (dict(r=9), "r=9")])
+def test_config_that_does_not_fit_the_model_is_refused(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        attach(tiny_model(), TinyLoRAConfig(**kwargs), cache_dir=None, quiet=True)  # 14 modules, k/v are 8 x 16
+
+
+def test_attach_reports_the_count_and_refuses_a_second_adapter(capsys):
+    model = tiny_model()
+    adapter, n = attach(model, TinyLoRAConfig(n_tie=14), cache_dir=None)
+    assert n == 1 and "-> 1 trainable parameters" in capsys.readouterr().err
+    with pytest.raises(AdapterError, match="detach"):
+        attach(model, cache_dir=None, quiet=True)
+    adapter.detach()
+    attach(model, cache_dir=None, quiet=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward: exact at start, gradients, merge, disable
+
+
+@pytest.mark.parametrize("method", ["tinylora", "lora-xs", "lora"])
+def test_fresh_adapter_gives_the_base_logits_exactly(method):
+    model = tiny_model()
+    base = model(ids())
+    attach(model, TinyLoRAConfig(method=method), cache_dir=None, quiet=True)
+    assert torch.equal(model(ids()), base)
+
+
+@pytest.mark.parametrize("method", tinylora.METHODS)
+def test_backward_reaches_only_the_adapter(method):
+    model = tiny_model()
+    adapter, _ = attach(model, TinyLoRAConfig(method=method), cache_dir=None, quiet=True)
+    randomize(adapter, 0.1)  # LoRA's B = 0 would otherwise block A's gradient
+    model(ids()).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    adapter_ids = {id(p) for p in adapter.parameters()}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in adapter_ids)
+
+
+@pytest.mark.parametrize("method, n_tie", [("tinylora", 3), ("tinylora", 1), ("lora-xs", 4), ("lora", 1)])
+def test_gradcheck_float64(method, n_tie):
+    model = tiny_model(dtype=torch.float64)
+    adapter, _ = attach(model, TinyLoRAConfig(method=method, u=3 if method == "tinylora" else 1, n_tie=n_tie,
+                                              dtype=torch.float64), cache_dir=None, quiet=True)
+    randomize(adapter, 0.5)
+    names = list(adapter.tensors)
+    xs = [torch.randn(3, t.linear.in_features, dtype=torch.float64) for t in adapter.targets]
+
+    def outputs(*values):  # every target's output, as a function of the trainable tensors
+        adapter.tensors.update(zip(names, values))
+        return torch.cat([t.linear(x).reshape(-1) for t, x in zip(adapter.targets, xs)])
+
+    inputs = tuple(p.detach().clone().requires_grad_() for p in adapter.parameters())
+    assert torch.autograd.gradcheck(outputs, inputs)
+
+
+@pytest.mark.parametrize("method", ["tinylora", "lora-xs", "lora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_forward_equals_low_rank_forward_and_unmerge_is_bit_exact(tiny_ckpt, method, dtype):
+    model = load_model(tiny_ckpt[0], dtype=dtype, device="cpu")
+    original = {k: bits(v).clone() for k, v in model.state_dict().items()}
+    adapter, _ = attach(model, TinyLoRAConfig(method=method, n_tie=2 if method in TIED else 1), cache_dir=None, quiet=True)
+    lost = 0
+    for cycle in range(3):  # training steps between rollouts change the adapter
+        randomize(adapter, 0.5 if method != "lora" else 0.05, seed=cycle)
+        low_rank = model(ids()).float()
+        with adapter.merged():
+            merged = model(ids()).float()
+            lost += sum(len(t.restore[2]) for t in adapter.targets)
+        # bf16: W + dW is rounded to bf16 once more than the low-rank path: up to 1.4% of the logit range measured, 3% allowed
+        tol = 1e-5 if dtype == torch.float32 else 0.03 * low_rank.abs().max().item()
+        torch.testing.assert_close(merged, low_rank, atol=tol, rtol=0)
+        assert all(torch.equal(bits(v), original[k]) for k, v in model.state_dict().items())
+    assert lost > 0  # the rounding-correction path was exercised, not just the easy entries
+
+
+def test_disabled_gives_the_base_model_and_contexts_do_not_nest():
+    model = tiny_model()
+    base = model(ids())
+    adapter, _ = attach(model, TinyLoRAConfig(n_tie=7), cache_dir=None, quiet=True)
+    randomize(adapter)
+    adapted = model(ids())
+    assert not torch.allclose(adapted, base)
+    with adapter.disabled():
+        assert torch.equal(model(ids()), base)
+        with pytest.raises(AdapterError, match="disabled"), adapter.merged():
+            pass
+    assert torch.equal(model(ids()), adapted)
+
+
+# --------------------------------------------------------------------------------------------
+# P and the SVD
+
+P_SCRIPT = """
+import torch, tinylora
+from model import ModelConfig, Transformer
+torch.manual_seed({global_seed})  # the weights differ; P must not depend on the global RNG
+model = Transformer(ModelConfig(num_hidden_layers=2, **{tiny}))
+adapter, _ = tinylora.attach(model, tinylora.TinyLoRAConfig(u=3, seed=5), cache_dir=None, quiet=True)
+print(torch.stack([t.P for t in adapter.targets]).double().numpy().tobytes().hex())
+"""
+
+
+def test_projections_are_identical_across_processes_and_distinct_across_modules():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda s: subprocess.run([sys.executable, "-c", P_SCRIPT.format(global_seed=s, tiny=TINY)], cwd=root,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    first, second = run(1), run(2)
+    assert first == second
+    P = torch.frombuffer(bytearray(bytes.fromhex(first)), dtype=torch.float64).view(14, 3, 2, 2)
+    assert len({tuple(p.flatten().tolist()) for p in P}) == 14  # one independent P per module
+    assert abs(P.var().item() - 0.5) < 0.15  # N(0, 1/r), r = 2
+
+
+def test_projection_of_a_module_does_not_depend_on_the_other_targets():
+    P_all = {t.name: t.P for t in attach(tiny_model(), cache_dir=None, quiet=True)[0].targets}
+    only_up = attach(tiny_model(), TinyLoRAConfig(targets=("up_proj",)), cache_dir=None, quiet=True)[0]
+    assert all(torch.equal(t.P, P_all[t.name]) for t in only_up.targets)
+
+
+def matrix(m, n, spectrum, seed):
+    """fp64 [m, n] with singular values `spectrum(k)`, k = 0, 1, ..."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    return (U * spectrum(torch.arange(k, dtype=torch.float64))) @ V.T
+
+
+@pytest.mark.parametrize("shape", [(384, 128), (96, 320), (256, 256)])
+@pytest.mark.parametrize("r", [1, 2, 4])
+def test_randomized_svd_is_near_the_optimal_rank_r_error(shape, r):
+    decaying = matrix(*shape, lambda k: (k + 1) ** -1.0, seed=r)  # a few large directions, long tail: like real weights
+    flat = torch.randn(*shape, generator=torch.Generator().manual_seed(r), dtype=torch.float64)  # the hard case
+    for W, bound in ((decaying, 1e-6), (flat, 1e-3)) if r <= 2 else ((decaying, 1e-6),):  # flat: r <= 2, the paper's range
+        optimal = torch.linalg.svdvals(W)[r:].square().sum().sqrt()  # Eckart-Young
+        for exact in (False, True):
+            U, S, Vh = tinylora.truncated_svd(W.float(), r, exact=exact)
+            error = torch.linalg.norm(W - (U.double() * S.double()) @ Vh.double())
+            assert (error - optimal) / optimal < bound
+    U, _, Vh = tinylora.truncated_svd(decaying.float(), r)
+    Ue, _, Vhe = tinylora.truncated_svd(decaying.float(), r, exact=True)
+    assert torch.allclose(U, Ue, atol=1e-4) and torch.allclose(Vh, Vhe, atol=1e-4)  # same signs in both paths
+
+
+def test_svd_cache_is_read_on_the_second_attach(tiny_ckpt, tmp_path, monkeypatch):
+    first, _ = attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=str(tmp_path), quiet=True)
+    assert len(os.listdir(tmp_path)) == 1
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("the SVD ran although the cache has the factors")
+
+    monkeypatch.setattr(tinylora, "truncated_svd", no_svd)
+    second, _ = attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=str(tmp_path), quiet=True)
+    for a, b in zip(first.targets, second.targets):
+        assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
+    with pytest.raises(AssertionError, match="cache"):  # another r is another key
+        attach(load_model(tiny_ckpt[0], device="cpu"), TinyLoRAConfig(r=1), cache_dir=str(tmp_path), quiet=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+@pytest.mark.parametrize("method", tinylora.METHODS)
+def test_save_load_round_trip_reproduces_logits_bit_for_bit(tiny_ckpt, tmp_path, method):
+    model = load_model(tiny_ckpt[0], device="cpu")
+    config = TinyLoRAConfig(method=method, u=2 if method == "tinylora" else 1, n_tie=3 if method in TIED else 1, seed=7)
+    adapter, n = attach(model, config, cache_dir=None, quiet=True)
+    randomize(adapter, 0.1)
+    path = str(tmp_path / "adapter.safetensors")
+    size, data = save_adapter(adapter, path)
+    assert data == 4 * n and size > data
+    loaded = load_adapter(load_model(tiny_ckpt[0], device="cpu"), path, cache_dir=None, quiet=True)
+    assert loaded.config == config
+    fresh = load_model(tiny_ckpt[0], device="cpu")
+    load_adapter(fresh, path, cache_dir=None, quiet=True)
+    assert torch.equal(fresh(ids()), model(ids()))
+
+
+def test_bf16_file_holds_two_bytes_per_parameter(tiny_ckpt, tmp_path):
+    adapter, n = attach(load_model(tiny_ckpt[0], device="cpu"), TinyLoRAConfig(n_tie=2), cache_dir=None, quiet=True)
+    size, data = save_adapter(adapter, str(tmp_path / "a.safetensors"), dtype=torch.bfloat16)
+    assert (n, data) == (7, 14) and size < 1024
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"])["n_tie"] == 2 and meta["base_fingerprint"] == adapter.base_fingerprint
+
+
+def test_loading_onto_another_base_model_is_refused(tiny_ckpt, tmp_path):
+    adapter, _ = attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=None, quiet=True)
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(adapter, path)
+    other = load_model(tiny_ckpt[0], device="cpu")
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0  # a sampled entry: another base model
+    with pytest.raises(AdapterError, match="base model") as e:
+        load_adapter(other, path, cache_dir=None, quiet=True)
+    assert path in str(e.value) and "\n" not in str(e.value)
+    attach(other, cache_dir=None, quiet=True)  # the refused load left the model untouched
+
+
+def rewrite(path, tensors=None, **meta_changes):
+    """Re-save an adapter file with edited tensors and metadata (`config` edits are merged)."""
+    with safe_open(path, "pt") as f:
+        meta = dict(f.metadata())
+    config = {**json.loads(meta["config"]), **meta_changes.pop("config", {})}
+    meta = {**meta, "config": json.dumps(config), **meta_changes}
+    save_file(load_file(path) if tensors is None else tensors, path, metadata=meta)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(config={"n_tie": 3}), "'v' is \\(7, 1\\)"),  # 14 modules / 3 -> 5 groups, file has 7
+    (dict(config={"method": "lora-xs"}), "'R' is missing"),
+    (dict(tensors={"v": torch.zeros(7, 1), "w": torch.zeros(1)}), "'w'"),
+    (dict(config={"tiling": "zigzag"}), "tiling"),
+    (dict(format_version="9"), "version"),
+    (dict(config={"r": 99}), "r=99")])
+def test_inconsistent_file_is_refused_with_its_name(tiny_ckpt, tmp_path, edit, message):
+    model = load_model(tiny_ckpt[0], device="cpu")
+    adapter, _ = attach(model, TinyLoRAConfig(n_tie=2), cache_dir=None, quiet=True)
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(adapter, path)
+    rewrite(path, **edit)
+    adapter.detach()
+    with pytest.raises(AdapterError, match=message) as e:
+        load_adapter(model, path, cache_dir=None, quiet=True)
+    assert path in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["tinylora", "lora-xs", "lora"])
+def test_peft_export_reproduces_the_adapted_logits(tiny_ckpt, tmp_path, method):
+    model = load_model(tiny_ckpt[0], device="cpu")
+    adapter, _ = attach(model, TinyLoRAConfig(method=method, n_tie=5 if method in TIED else 1, scale=0.7), cache_dir=None, quiet=True)
+    randomize(adapter, 0.3 if method != "lora" else 0.05)
+    tinylora.export_peft(adapter, str(tmp_path))
+    with open(tmp_path / "adapter_config.json") as f:
+        peft = json.load(f)
+    assert (peft["peft_type"], peft["r"], peft["lora_alpha"], peft["target_modules"]) == ("LORA", 2, 2, list(TARGETS))
+    lora = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len(lora) == 2 * 14
+    fresh = load_model(tiny_ckpt[0], device="cpu")
+    with torch.no_grad():
+        for name, W in fresh.named_parameters():
+            if name.endswith("_proj.weight"):
+                A = lora[f"base_model.model.{name[:-len('.weight')]}.lora_A.weight"]  # [r, in]
+                B = lora[f"base_model.model.{name[:-len('.weight')]}.lora_B.weight"]  # [out, r]
+                assert A.shape == (2, W.shape[1]) and B.shape == (W.shape[0], 2)
+                W += peft["lora_alpha"] / peft["r"] * B @ A
+    torch.testing.assert_close(fresh(ids()), model(ids()), atol=1e-5, rtol=0)

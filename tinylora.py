@@ -1,0 +1,566 @@
+"""TinyLoRA, LoRA-XS, LoRA and full fine-tuning on one interface: the parameterizations of
+"Learning to Reason in 13 Parameters" (arXiv:2602.04118), method section and ablations.
+
+Every target weight W [out, in] (q,k,v,o,gate,up,down of every layer) gets an update:
+
+    TinyLoRA   W' = W + scale * U diag(S) R V^T,   R = sum_{i=1..u} v_i P_i,  v [u] trained
+    LoRA-XS    W' = W + scale * U diag(S) R V^T,   R [r, r] trained
+    LoRA       W' = W + scale * B A,               A [r, in], B [out, r] trained
+    full       W' = W trained directly (the ablation's upper bound)
+
+U [out, r], S [r], V [in, r]: the rank-r truncated SVD of W, in fp32, frozen (`truncated_svd`,
+cached on disk by `svd_factors`; kept as Vh = V^T [r, in], as torch.linalg.svd returns it).
+P [u, r, r]: fixed random, one per module, ~ N(0, 1/r), drawn from a CPU generator seeded by
+(seed, module index). v [u]: trainable, starts at 0, so the adapted model is the base model at
+step 0. Tying: n_tie modules share one v (or one R); `tie_groups`.
+
+Scale convention (everything explicit, nothing hidden in an alpha):
+    P ~ N(0, 1/r) as in PEFT's `tinylora`; dW = scale * U diag(S) R V^T, `scale` default 1.0.
+    PEFT's `tinylora` splits S as sqrt(S) onto both sides: (U sqrt(S)) R (sqrt(S) V^T). That is a
+      different R-space (R sits between two sqrt(S)), so its v are not interchangeable with ours.
+    The authors' code draws P ~ N(0, 1) and multiplies R by alpha/r / sqrt(u) = 16 / sqrt(u), and
+      starts v at ~1e-5 noise. With r = 2 their dW is ours with scale = 16 * sqrt(2) / sqrt(u):
+      the same v moves the weights 22.6x / sqrt(u) more; transfer learning rates accordingly, or
+      set `scale` to match them.
+
+Compute paths. Training: a forward hook adds x dW^T = ((x V) (scale diag(S) R)^T) U^T to each
+target's output without materialising dW: the rank-r part in fp32 whatever the weight dtype, the
+last product fused with the addition into the output (one pass over it, in its dtype). Rollouts: `adapter.merged()` folds dW
+into the weights and restores them bit-for-bit afterwards. `adapter.disabled()` is the reference
+(base) policy without a second copy of the weights.
+
+Files: `save_adapter` writes only the trainable tensors (v: 13 numbers for the paper's 7B run)
+plus metadata; `load_adapter` rebuilds P and the SVD and refuses a different base model;
+`export_peft` writes the exact rank-r LoRA equivalent in PEFT's layout.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from model import ModelConfig, Transformer
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # depth order in a layer
+PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+METHODS = ("tinylora", "lora-xs", "lora", "full")
+TILINGS = ("tiled", "structured")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "tinylora", "svd")
+FORMAT, FORMAT_VERSION = "tinylora-adapter", "1"
+
+
+class AdapterError(ValueError):
+    """An adapter file that cannot be used here, or an adapter used wrongly; says what and where."""
+
+
+@dataclass
+class TinyLoRAConfig:
+    method: str = "tinylora"  # one of METHODS
+    r: int = 2  # frozen rank of the SVD (tinylora, lora-xs) or LoRA rank
+    u: int = 1  # tinylora: trainable numbers per tie group (length of v); 1 for the other methods
+    n_tie: int = 1  # modules sharing one v (tinylora) or one R (lora-xs); 1 for lora and full
+    tiling: str = "tiled"  # "tiled": consecutive modules in depth order; "structured": same type only
+    targets: tuple = TARGETS  # module types adapted in every layer
+    seed: int = 0  # projection seed: P of module m comes from manual_seed(seed * 1_000_003 + m)
+    scale: float = 1.0  # dW multiplier (see the scale convention above)
+    svd: str = "randomized"  # "randomized" (subspace iteration) or "exact" (torch.linalg.svd)
+    svd_oversample: int = 16  # randomized: extra columns beyond r (8: ~3x the error on flat spectra, no faster)
+    svd_niter: int = 4  # randomized: power iterations
+    dtype: torch.dtype = torch.float32  # of the trainable tensors; the math is fp32 regardless ("full": the weights' own)
+
+    def __post_init__(self):
+        def bad(key, what):
+            raise ValueError(f"TinyLoRAConfig.{key}={getattr(self, key)!r}: {what}")
+
+        if self.method not in METHODS:
+            bad("method", f"unknown method; use one of {', '.join(METHODS)}")
+        if self.tiling not in TILINGS:
+            bad("tiling", f"unknown tiling; use one of {', '.join(TILINGS)}")
+        if isinstance(self.dtype, str):
+            self.dtype = DTYPES.get(self.dtype, self.dtype)
+        if self.dtype not in DTYPES.values():
+            bad("dtype", f"unsupported; use one of torch.{', torch.'.join(DTYPES)}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown or not targets or len(set(targets)) != len(targets):
+            bad("targets", f"use distinct names from {', '.join(TARGETS)}")
+        self.targets = tuple(t for t in TARGETS if t in targets)  # canonical (depth) order
+        for key in ("r", "u", "n_tie"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, "must be an integer >= 1")
+        if self.u != 1 and self.method != "tinylora":
+            bad("u", f"only tinylora has a v of length u; use u=1 with method {self.method!r}")
+        if self.n_tie != 1 and self.method in ("lora", "full"):
+            bad("n_tie", f"tying applies to tinylora and lora-xs only; use n_tie=1 with method {self.method!r}")
+        if self.svd not in ("randomized", "exact"):
+            bad("svd", "use 'randomized' or 'exact'")
+        for key in ("seed", "svd_oversample", "svd_niter"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                bad(key, "must be an integer >= 0")
+        if not math.isfinite(self.scale):
+            bad("scale", "must be a finite number")
+
+
+# --------------------------------------------------------------------------------------------
+# Which modules, which tie group, how many parameters
+
+
+@dataclass
+class Target:
+    name: str  # "model.layers.3.mlp.up_proj", as in the checkpoint
+    linear: nn.Linear
+    index: int  # 7 * layer + position of the type in TARGETS: seeds P, whatever the other targets
+    kind: str  # "up_proj"
+    group: int = 0  # tie group (tinylora, lora-xs); own index in the target list (lora, full)
+    U: torch.Tensor = None  # [out, r] fp32
+    S: torch.Tensor = None  # [r]
+    Vh: torch.Tensor = None  # [r, in] = V^T
+    P: torch.Tensor = None  # [u, r, r] (tinylora)
+    restore: tuple = None  # while merged: what unmerge needs (see Adapter.merged)
+    hook: object = None  # the forward hook's handle (all methods but full)
+
+
+def tie_groups(kinds, n_tie, tiling):
+    """kinds: the module type of each target in depth order -> its tie group.
+    tiled: consecutive chunks of n_tie in depth order, any types: group = position // n_tie.
+    structured: each type (q, then k, ...) in depth order, in chunks of n_tie; a type's groups are
+    numbered after the previous type's. Groups: ceil(N / n_tie) tiled, sum_t ceil(N_t / n_tie)
+    structured (N_t = modules of type t = layers)."""
+    if tiling == "tiled":
+        return [i // n_tie for i in range(len(kinds))]
+    groups, first = [0] * len(kinds), 0
+    for kind in dict.fromkeys(kinds):
+        members = [i for i, k in enumerate(kinds) if k == kind]
+        for j, i in enumerate(members):
+            groups[i] = first + j // n_tie
+        first += math.ceil(len(members) / n_tie)
+    return groups
+
+
+def find_targets(model, kinds=TARGETS):
+    """Targets of the given types in depth order: layer 0 q,k,v,o,gate,up,down, then layer 1, ..."""
+    if not isinstance(model, Transformer):
+        raise ValueError(f"got a {type(model).__name__}; attach to a model.Transformer (model.load_model)")
+    return [Target(f"model.layers.{i}.{PARENT[kind]}.{kind}", getattr(getattr(layer, PARENT[kind]), kind),
+                   7 * i + TARGETS.index(kind), kind)
+            for i, layer in enumerate(model.model.layers) for kind in kinds]
+
+
+def plan(model, config):
+    """The targets of `model` (with tie groups) and the trainable tensors' shapes {file name:
+    shape}. Checks what depends on the model: n_tie <= N, r <= min(out, in)."""
+    targets = find_targets(model, config.targets)
+    c, N = config, len(targets)
+    if c.n_tie > N:
+        raise ValueError(f"n_tie={c.n_tie} is more than the {N} target modules; use 1 <= n_tie <= {N} ({N} ties them all)")
+    tied = c.method in ("tinylora", "lora-xs")
+    for t, group in zip(targets, tie_groups([t.kind for t in targets], c.n_tie, c.tiling) if tied else range(N)):
+        t.group = group
+    small = min(min(t.linear.weight.shape) for t in targets)
+    if c.method != "full" and c.r > small:
+        raise ValueError(f"r={c.r} exceeds the smallest target dimension {small}; use r <= {small}")
+    G = targets[-1].group + 1
+    if c.method == "tinylora":
+        shapes = {"v": (G, c.u)}  # v of group g is row g
+    elif c.method == "lora-xs":
+        shapes = {"R": (G, c.r, c.r)}
+    elif c.method == "lora":
+        shapes = {}
+        for t in targets:
+            shapes[f"{t.name}.lora_A"] = (c.r, t.linear.in_features)
+            shapes[f"{t.name}.lora_B"] = (t.linear.out_features, c.r)
+    else:
+        shapes = {f"{t.name}.weight": tuple(t.linear.weight.shape) for t in targets}
+    return targets, shapes
+
+
+def count_trainable(model, config):
+    """Exact trainable count; works on a meta-device model (no memory): see `parameter_table`."""
+    return sum(math.prod(s) for s in plan(model, config)[1].values())
+
+
+def tie_choices(layers, budget, targets=TARGETS, tiling="tiled", max_u=16):
+    """(u, n_tie, count) per u = 1..max_u: the least tying whose TinyLoRA count fits the budget.
+    layers: a model or a layer count. Qwen2.5-7B (28 layers, 7 targets), budget 13 -> (1, 16, 13)."""
+    layers = layers if isinstance(layers, int) else len(layers.model.layers)
+    kinds = [k for _ in range(layers) for k in targets]
+    n_groups = {n: max(tie_groups(kinds, n, tiling)) + 1 for n in range(1, len(kinds) + 1)}
+    choices = []
+    for u in range(1, max_u + 1):
+        fits = [n for n in n_groups if u * n_groups[n] <= budget]
+        if fits:
+            choices.append((u, fits[0], u * n_groups[fits[0]]))
+    return choices
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint and truncated SVD (cached)
+
+
+def fingerprint(model, samples=4096):
+    """32 hex digits identifying the base model, cheap for 7B: sha256 of the model config, and of
+    the name, shape and `samples` evenly strided values (rounded to bf16, so fp32 and bf16 loads of
+    one checkpoint agree) of all 7 projections of every layer. It tells checkpoints apart; it is
+    not a checksum (a change confined to unsampled entries goes unseen)."""
+    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for t in find_targets(model):
+        w = t.linear.weight.detach().reshape(-1)
+        sample = w[:: max(1, w.numel() // samples)][:samples].to(torch.bfloat16).view(torch.int16).cpu()
+        h.update(f"{t.name}{tuple(t.linear.weight.shape)}".encode() + sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def truncated_svd(W, r, exact=False, oversample=16, niter=4, seed=0):
+    """Top-r SVD of W [m, n] (fp32) -> U [m, r], S [r], Vh [r, n], W ~ U diag(S) Vh (Vh = V^T).
+    Randomized: subspace iteration (Halko, Martinsson, Tropp 2011, alg. 4.4) with r + oversample
+    columns, niter power iterations and a start matrix from a seeded CPU generator (torch.svd_lowrank
+    draws from the global RNG). Signs are fixed so the largest-|.| entry of each U column is
+    positive: the adapter's meaning (U S R V^T with a non-diagonal R) depends on them."""
+    if exact:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    else:
+        q = min(r + oversample, *W.shape)
+        start = torch.randn(W.shape[1], q, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(W)
+        Q = torch.linalg.qr(W @ start).Q  # [m, q] basis of the range of W
+        for _ in range(niter):  # (Q^T W)^T, not W^T Q: the same numbers, but BLAS is much slower on the latter
+            Q = torch.linalg.qr(W @ torch.linalg.qr((Q.T @ W).T).Q).Q
+        Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)  # SVD of the small [q, n]
+        U = Q @ Ub
+    U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # [1, r]
+    sign[sign == 0] = 1
+    return (U * sign).contiguous(), S.contiguous(), (Vh * sign.T).contiguous()  # LAPACK hands back column-major
+
+
+def svd_factors(targets, config, model_fingerprint, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
+    """Fill U, S, V of every target. Cached in `cache_dir`/<key>.safetensors, key = sha256 of the
+    model fingerprint, weight dtype, targets, r and SVD options; cache_dir None: no cache."""
+    device, c = targets[0].linear.weight.device, config
+    key = hashlib.sha256(json.dumps([model_fingerprint, str(targets[0].linear.weight.dtype), c.targets, c.r,
+                                     c.svd, c.svd_oversample, c.svd_niter, FORMAT_VERSION]).encode()).hexdigest()[:32]
+    path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else None
+    cached = {}
+    if path and os.path.isfile(path):
+        try:
+            cached = load_file(path, device=str(device))
+        except (OSError, SafetensorError) as e:
+            print(f"tinylora: ignoring unreadable SVD cache {path} ({e})", file=sys.stderr)
+    if all(f"{t.name}.{f}" in cached for t in targets for f in ("U", "S", "Vh")):
+        for t in targets:
+            t.U, t.S, t.Vh = (cached[f"{t.name}.{f}"] for f in ("U", "S", "Vh"))
+        return
+    start = last = time.monotonic()
+    for n, t in enumerate(targets, 1):
+        t.U, t.S, t.Vh = truncated_svd(t.linear.weight.detach().float(), c.r, c.svd == "exact",
+                                      c.svd_oversample, c.svd_niter, seed=t.index)
+        if not quiet and time.monotonic() - last > 2:
+            print(f"tinylora: SVD {n}/{len(targets)} modules ({t.name}), {time.monotonic() - start:.0f} s", file=sys.stderr)
+            last = time.monotonic()
+    if not quiet:
+        print(f"tinylora: {c.svd} rank-{c.r} SVD of {len(targets)} modules in {time.monotonic() - start:.1f} s"
+              + (f", cached in {path}" if path else ""), file=sys.stderr)
+    if path:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            _atomic_save({f"{t.name}.{f}": getattr(t, f).cpu() for t in targets for f in ("U", "S", "Vh")}, path)
+        except OSError as e:
+            print(f"tinylora: could not write the SVD cache {path} ({e}); the next run recomputes it", file=sys.stderr)
+
+
+def _atomic_save(tensors, path, metadata=None):
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter
+
+
+def _generator(seed, index):
+    """CPU generator for module `index`: same numbers in every process, on every device."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def _outer_sum(B, A):
+    """dW = B @ A [out, in] as r elementwise multiply-adds: bit-identical every time it runs, which
+    merge/unmerge rely on (a matmul may pick a different reduction order)."""
+    dW = torch.zeros(B.shape[0], A.shape[1], dtype=B.dtype, device=B.device)
+    for k in range(B.shape[1]):
+        dW.addcmul_(B[:, k, None], A[None, k, :])
+    return dW
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+class Adapter:
+    """Lives beside the model: the trainable tensors, the frozen factors, one forward hook per
+    target. Build it with `attach` or `load_adapter`; train `adapter.parameters()`."""
+
+    def __init__(self, config, targets, tensors, base_fingerprint):
+        self.config, self.targets, self.tensors = config, targets, tensors  # tensors: {file name: Parameter}
+        self.base_fingerprint = base_fingerprint
+        self._merged = self._disabled = False
+        for t in targets:
+            t.linear._tinylora_adapter = self
+            if config.method != "full":
+                t.hook = t.linear.register_forward_hook(lambda mod, args, out, t=t: self._forward(t, args[0], out))
+
+    @property
+    def num_trainable(self):
+        return sum(p.numel() for p in self.tensors.values())
+
+    def parameters(self):
+        return list(self.tensors.values())
+
+    def factors(self, t, dtype=torch.float32):
+        """(A [r, in], C [r, r], B [out, r]) with the module's dW = B @ C @ A, in `dtype`.
+        TinyLoRA, LoRA-XS: A = V^T, C = scale diag(S) R, B = U. LoRA: A, C = scale I, B."""
+        c = self.config
+        if c.method == "lora":
+            A, B = self.tensors[f"{t.name}.lora_A"], self.tensors[f"{t.name}.lora_B"]
+            return A.to(dtype), c.scale * torch.eye(c.r, dtype=dtype, device=A.device), B.to(dtype)
+        if c.method == "tinylora":
+            R = torch.einsum("i,irs->rs", self.tensors["v"][t.group].to(dtype), t.P.to(dtype))  # sum_i v_i P_i [r, r]
+        else:
+            R = self.tensors["R"][t.group].to(dtype)
+        return t.Vh.to(dtype), c.scale * t.S.to(dtype)[:, None] * R, t.U.to(dtype)
+
+    def _forward(self, t, x, out):
+        """out + x dW^T = out + ((x A^T) C^T) B^T: [.., in] -> [.., r] -> [.., out]. The rank-r part
+        in fp32 (fp64 for fp64 x); the last product fused with the addition (addmm in out's dtype)."""
+        if self._merged or self._disabled:
+            return None
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        A, C, B = self.factors(t, dtype)
+        h = F.linear(F.linear(x.to(dtype), A), C)  # [.., r]
+        Bt = B.T.contiguous().to(out.dtype)  # [r, out] row-major: its backward (g @ Bt^T) is ~5x faster than g @ B
+        return torch.addmm(out.flatten(0, -2), h.flatten(0, -2).to(out.dtype), Bt).view_as(out)
+
+    @contextlib.contextmanager
+    def merged(self):
+        """Fold dW into the weights (fast rollouts); restore them bit-for-bit on exit.
+        Merge: W_m = round(W + dW) in W's dtype. Unmerge: round(W_m - dW) is W except in a few
+        entries where rounding lost information; merge finds those (it still has W) and keeps their
+        indices (int32) and original values, so no second copy of the weights is held. The factors
+        are snapshotted, so dW is recomputed identically even if the optimizer steps meanwhile.
+        No-op for `full` (its weights are the trained ones)."""
+        if self._merged or self._disabled:
+            raise AdapterError("adapter.merged(): already merged or disabled; leave that context first")
+        self._merged = True
+        try:
+            with torch.no_grad():
+                for t in self.targets if self.config.method != "full" else []:
+                    W = t.linear.weight
+                    A, C, B = self.factors(t)
+                    A, B = A.detach().clone(), (B @ C).detach()  # dW = B @ A from here on
+                    dW = _outer_sum(B, A)
+                    merged = (W.float() + dW).to(W.dtype)
+                    lost = (_bits((merged.float() - dW).to(W.dtype)) != _bits(W)).view(-1).nonzero()[:, 0]
+                    index = lost.to(torch.int32 if W.numel() < 2**31 else torch.int64)
+                    t.restore = (A, B, index, W.view(-1)[lost].clone())
+                    W.copy_(merged)
+            yield self
+        finally:
+            with torch.no_grad():
+                for t in self.targets:
+                    if t.restore is not None:
+                        A, B, lost, original = t.restore
+                        W = t.linear.weight
+                        restored = (W.float() - _outer_sum(B, A)).to(W.dtype)
+                        restored.view(-1)[lost.long()] = original
+                        W.copy_(restored)
+                        t.restore = None
+            self._merged = False
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model (the reference policy for KL) with no second copy of the weights."""
+        if self.config.method == "full":
+            raise AdapterError("adapter.disabled(): method 'full' trains the weights in place, so there is no base "
+                               "to switch to; keep a separate reference model")
+        if self._merged or self._disabled:
+            raise AdapterError("adapter.disabled(): already merged or disabled; leave that context first")
+        self._disabled = True
+        try:
+            yield self
+        finally:
+            self._disabled = False
+
+    def detach(self):
+        """Remove the adapter from the model (the weights are left as they are, frozen)."""
+        if self._merged:
+            raise AdapterError("adapter.detach(): the adapter is merged; leave adapter.merged() first")
+        for t in self.targets:
+            if t.hook is not None:
+                t.hook.remove()
+            del t.linear._tinylora_adapter
+            t.linear.weight.requires_grad_(False)
+
+
+def attach(model, config=None, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
+    """Attach an adapter to `model` (frozen entirely, except the adapter's tensors).
+    Returns (adapter, trainable count); prints the count to stderr unless quiet."""
+    config = config or TinyLoRAConfig()
+    targets, shapes = plan(model, config)
+    if any(hasattr(t.linear, "_tinylora_adapter") for t in find_targets(model)):
+        raise AdapterError("this model already has an adapter; call adapter.detach() first")
+    model.requires_grad_(False)
+    base = fingerprint(model)
+    c, device = config, targets[0].linear.weight.device
+    if c.method in ("tinylora", "lora-xs"):
+        svd_factors(targets, c, base, cache_dir, quiet)
+    tensors = {}
+    if c.method == "tinylora":
+        for t in targets:  # drawn in float64: the vectorised float32 sampler's bits depend on the CPU
+            P = torch.randn(c.u, c.r, c.r, generator=_generator(c.seed, t.index), dtype=torch.float64) / math.sqrt(c.r)
+            t.P = P.float().to(device)
+        tensors["v"] = nn.Parameter(torch.zeros(shapes["v"], dtype=c.dtype, device=device))
+    elif c.method == "lora-xs":
+        tensors["R"] = nn.Parameter(torch.zeros(shapes["R"], dtype=c.dtype, device=device))
+    elif c.method == "lora":
+        for t in targets:  # PEFT's init: A kaiming-uniform (bound 1/sqrt(in)), B = 0
+            A = torch.empty(shapes[f"{t.name}.lora_A"])
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=_generator(c.seed, t.index))
+            tensors[f"{t.name}.lora_A"] = nn.Parameter(A.to(device, c.dtype))
+            tensors[f"{t.name}.lora_B"] = nn.Parameter(torch.zeros(shapes[f"{t.name}.lora_B"], dtype=c.dtype, device=device))
+    else:
+        tensors = {f"{t.name}.weight": t.linear.weight.requires_grad_(True) for t in targets}
+    adapter = Adapter(config, targets, tensors, base)
+    if not quiet:
+        shape = {"tinylora": f" r={c.r} u={c.u} n_tie={c.n_tie} {c.tiling}", "lora-xs": f" r={c.r} n_tie={c.n_tie} {c.tiling}",
+                 "lora": f" r={c.r}", "full": ""}[c.method]
+        print(f"tinylora: {c.method}{shape} on {len(targets)} modules -> {adapter.num_trainable:,} trainable parameters",
+              file=sys.stderr)
+    return adapter, adapter.num_trainable
+
+
+# --------------------------------------------------------------------------------------------
+# Files: the adapter, and its PEFT (LoRA) export
+
+
+def save_adapter(adapter, path, dtype=torch.float32):
+    """Write the trainable tensors (in `dtype`) and the metadata that rebuilds the rest, atomically.
+    Returns adapter_size(path)."""
+    c = adapter.config
+    config = {**asdict(c), "dtype": str(c.dtype).removeprefix("torch."), "targets": list(c.targets)}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config),
+                "base_fingerprint": adapter.base_fingerprint, "num_trainable": str(adapter.num_trainable)}
+    _atomic_save({k: p.detach().to(dtype).contiguous().cpu() for k, p in adapter.tensors.items()}, path, metadata)
+    return adapter_size(path)
+
+
+def adapter_size(path):
+    """(file bytes, parameter bytes): safetensors is an 8-byte header length, the header, the data."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    size = os.path.getsize(path)
+    return size, size - 8 - header
+
+
+def load_adapter(model, path, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
+    """Attach the adapter saved at `path` to `model` (P and the SVD rebuilt). Refuses, with an
+    AdapterError and before touching the model, a different base model or an inconsistent file."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
+    if (meta.get("format"), meta.get("format_version")) != (FORMAT, FORMAT_VERSION):
+        raise AdapterError(f"{path}: not a {FORMAT} file of version {FORMAT_VERSION} "
+                           f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})")
+    try:
+        config = TinyLoRAConfig(**json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{path}: metadata 'config' is missing or invalid: {e}") from None
+    base = fingerprint(model)
+    if meta.get("base_fingerprint") != base:
+        raise AdapterError(f"{path}: trained on base model {meta.get('base_fingerprint')}, this model is {base}; "
+                           "load it onto the checkpoint it was trained on")
+    try:
+        shapes = plan(model, config)[1]
+    except ValueError as e:
+        raise AdapterError(f"{path}: metadata does not fit this model: {e}") from None
+    for name in sorted(set(shapes) | set(tensors)):
+        found = tuple(tensors[name].shape) if name in tensors else "missing"
+        if found != shapes.get(name, "absent"):
+            c = config
+            raise AdapterError(f"{path}: tensor {name!r} is {found}, the metadata ({c.method}, r={c.r}, u={c.u}, "
+                               f"n_tie={c.n_tie}, {c.tiling}) implies {shapes.get(name, 'no such tensor')}")
+    adapter, _ = attach(model, config, cache_dir=cache_dir, quiet=quiet)
+    with torch.no_grad():
+        for name, p in adapter.tensors.items():
+            p.copy_(tensors[name])
+    return adapter
+
+
+def export_peft(adapter, out_dir, dtype=torch.float32, base_model_name_or_path=None):
+    """Write the adapter as a standard rank-r LoRA in PEFT's layout: adapter_config.json and
+    adapter_model.safetensors with base_model.model.<module>.lora_A.weight [r, in] = A and
+    .lora_B.weight [out, r] = B C, where dW = B C A exactly (`Adapter.factors`); lora_alpha = r,
+    so PEFT's scaling alpha / r is 1."""
+    c = adapter.config
+    if c.method == "full":
+        raise AdapterError("export_peft: method 'full' is not low-rank; save it with save_adapter instead")
+    tensors = {}
+    with torch.no_grad():
+        for t in adapter.targets:
+            A, C, B = adapter.factors(t)
+            tensors[f"base_model.model.{t.name}.lora_A.weight"] = A.to(dtype).contiguous().cpu()
+            tensors[f"base_model.model.{t.name}.lora_B.weight"] = (B @ C).to(dtype).contiguous().cpu()
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.r, "lora_alpha": c.r,
+                   "target_modules": list(c.targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+                   "use_rslora": False, "inference_mode": True, "base_model_name_or_path": base_model_name_or_path}
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_save(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    tmp = os.path.join(out_dir, f"adapter_config.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(peft_config, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "adapter_config.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts for the Qwen2.5 family: `python tinylora.py`
+
+QWEN25 = {  # the shapes of the models' config.json: layers, hidden, MLP, query heads, kv heads, head_dim
+    name: ModelConfig(vocab_size=151936, hidden_size=D, intermediate_size=I, num_hidden_layers=L,
+                      num_attention_heads=H, num_key_value_heads=KV, head_dim=hd)
+    for name, (L, D, I, H, KV, hd) in {"0.5B": (24, 896, 4864, 14, 2, 64), "1.5B": (28, 1536, 8960, 12, 2, 128),
+                                       "3B": (36, 2048, 11008, 16, 2, 128), "7B": (28, 3584, 18944, 28, 4, 128)}.items()}
+
+PAPER_SETTINGS = {"TinyLoRA u=1 n_tie=16": TinyLoRAConfig(n_tie=16), "TinyLoRA u=1 n_tie=4": TinyLoRAConfig(n_tie=4),
+                  "TinyLoRA u=1 n_tie=1": TinyLoRAConfig(), "TinyLoRA u=2 n_tie=1": TinyLoRAConfig(u=2),
+                  "LoRA-XS r=2": TinyLoRAConfig(method="lora-xs"), "LoRA r=1": TinyLoRAConfig(method="lora", r=1)}
+
+
+def parameter_table():
+    """Markdown table of trainable counts, computed by `count_trainable` on meta-device models."""
+    models = {}
+    for name, cfg in QWEN25.items():
+        with torch.device("meta"):
+            models[name] = Transformer(cfg)
+    lines = ["| setting | " + " | ".join(f"Qwen2.5-{n} ({c.num_hidden_layers} layers)" for n, c in QWEN25.items()) + " |",
+             "|---|" + "---:|" * len(QWEN25)]
+    for label, config in PAPER_SETTINGS.items():
+        lines.append(f"| {label} | " + " | ".join(f"{count_trainable(m, config):,}" for m in models.values()) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(parameter_table())
+    print("\nTinyLoRA (u, n_tie) choices for Qwen2.5-7B (196 modules), budget 13:", tie_choices(28, 13))
