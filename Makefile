@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test setup clean
+.PHONY: train test setup toy bench clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Rebuild the embedded default's base model and data (toy/) deterministically.
+toy: setup
+	$(PY) toy.py
+
+# Benchmarks print ratios against references measured in the same run (docs/performance.md).
+bench: setup
+	$(PY) bench/bench_svd.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
