@@ -158,10 +158,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # [B, Hkv, cached + T, hd]
-        if self.n_kv != self.n_heads:  # grouped-query attention: each kv head serves n_heads/n_kv heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, hd]
+        # grouped-query attention: each kv head serves n_heads / n_kv query heads (SDPA shares them without copying)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -202,7 +200,10 @@ class Backbone(nn.Module):
 class KVCache:
     """Pre-allocated keys/values for every layer: [B, Hkv, max_len, hd]. All rows share one write
     position `length` (prompts are left-padded to a common length); `start[b]` marks row b's
-    first real token, so keys before it are never attended to."""
+    first real token, so keys before it are never attended to.
+
+    Also holds what every decoding step would otherwise rebuild: the RoPE cos/sin of every
+    position it can hold, and which keys each row may see."""
 
     def __init__(self, cfg: ModelConfig, batch, max_len, start, dtype, device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -210,6 +211,14 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.start = start  # [B] left-pad counts
         self.length = 0  # positions filled so far (same for every row)
+        slots = torch.arange(max_len, device=device)
+        cos, sin = rope_cos_sin(slots[None], cfg.head_dim, cfg.rope_theta, dtype)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]  # [max_len, hd], indexed by rope position
+        self.key_mask = (slots[None, :] >= start[:, None])[:, None, None]  # [B, 1, 1, max_len]: real tokens
+
+    def rope(self, positions):
+        """cos/sin for integer positions [B, T] -> [B, 1, T, hd] each, as rope_cos_sin gives them."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
 
     def update(self, layer, k, v):
         end = self.length + k.shape[2]
@@ -222,6 +231,7 @@ class KVCache:
         self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
         self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
         self.start = self.start.repeat_interleave(n)
+        self.key_mask = self.key_mask.repeat_interleave(n, dim=0)
 
 
 class Transformer(nn.Module):
@@ -248,13 +258,19 @@ class Transformer(nn.Module):
         key_pos = torch.arange(past + T, device=device)  # absolute slot of every key
         query_pos = key_pos[past:]
         positions = (query_pos[None, :] - start[:, None]).clamp(min=0)  # [B, T] rope positions
-        # key j is visible to query i when start[b] <= j <= i; pad queries see only themselves, which
-        # keeps their (ignored) outputs finite instead of NaN from an all-masked softmax row.
-        mask = (key_pos[None, None, :] <= query_pos[None, :, None]) & (key_pos[None, None, :] >= start[:, None, None])
-        mask = (mask | (key_pos[None, None, :] == query_pos[None, :, None]))[:, None]  # [B, 1, T, past+T]
+        if cache is not None and T == 1:  # decoding: the new token sees every real key, itself included
+            mask = cache.key_mask[..., :past + 1]  # [B, 1, 1, past+1]
+        else:
+            # key j is visible to query i when start[b] <= j <= i; pad queries see only themselves, which
+            # keeps their (ignored) outputs finite instead of NaN from an all-masked softmax row.
+            mask = (key_pos[None, None, :] <= query_pos[None, :, None]) & (key_pos[None, None, :] >= start[:, None, None])
+            mask = (mask | (key_pos[None, None, :] == query_pos[None, :, None]))[:, None]  # [B, 1, T, past+T]
 
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        if cache is not None:
+            cos, sin = cache.rope(positions)
+        else:
+            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
@@ -466,7 +482,7 @@ def generate(model, prompts, max_new_tokens, end_ids, pad_id, temperature=1.0, t
     ids, start = left_pad(prompts, pad_id, device)
     cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, start,
                     next(model.parameters()).dtype, device)
-    logits = model(ids, cache=cache)[:, -1].float()  # [B, V]
+    logits = model.lm_head(model.hidden_states(ids, cache=cache)[:, -1]).float()  # [B, V], last position only
     if num_samples > 1:
         cache.repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)

@@ -251,7 +251,7 @@ def load_checkpoint(path, adapter, optimizer, sample_rng):
 # The run
 
 
-def prepare_run_folder(s, argv_settings):
+def prepare_run_folder(s):
     """Pick and check --out; with --resume, reload the saved settings. Nothing is written here."""
     if s.resume:
         if not s.out or not os.path.isfile(os.path.join(s.out, "args.json")):
@@ -285,7 +285,7 @@ def total_steps(s, n_train):
 
 
 def build(s):
-    """Load the model, tokenizer and data, attach the adapter: everything that can fail on bad input."""
+    """Load the model, tokenizer and data: most of what can fail on bad input, before anything is written."""
     if s.threads:
         torch.set_num_threads(s.threads)
     s.device = str(torch.device(s.device) if s.device else M.default_device())
@@ -503,7 +503,7 @@ def main(argv=None):
         if s.eval_only:
             net, tok, _, test_set = build(s)
             return eval_only(s, net, tok, test_set)
-        s = prepare_run_folder(s, argv)
+        s = prepare_run_folder(s)
         net, tok, train_set, test_set = build(s)
         return train(s, net, tok, train_set, test_set)
     except (UsageError, M.CheckpointError, data.DataError, tinylora.AdapterError, ValueError) as e:
