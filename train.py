@@ -382,13 +382,16 @@ def plot_curves(run_dir, metrics):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    if not metrics:
+        return None
     steps = [m["step"] for m in metrics]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("reward", "reward"), ("acc_strict", "accuracy (strict)"), ("acc_flexible", "accuracy (flexible)"),
-                       ("loss", "SFT loss")):
-        if metrics and key in metrics[0]:
-            ax.plot(steps, [m[key] for m in metrics], label=label)
+    curves = ((("reward", "mean reward"), ("acc_strict", "accuracy (strict)"), ("acc_flexible", "accuracy (flexible)"))
+              if "reward" in metrics[0] else (("loss", "SFT loss (nats per token)"),))
+    for key, label in curves:
+        ax.plot(steps, [m[key] for m in metrics], label=label)
     ax.set_xlabel("step")
+    ax.set_title(f"{os.path.basename(os.path.normpath(run_dir))}: training batches", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

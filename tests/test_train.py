@@ -220,3 +220,10 @@ def test_adapter_for_another_model_is_refused(setup, tmp_path, capsys):
                        str(out / "adapter.safetensors"), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "adapter.safetensors" in err and "\n" not in err
+
+
+def test_curves_png_is_written_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra: without it no curves.png is drawn")
+    metrics = [{"step": i, "reward": 0.1 * i, "acc_strict": 0.1 * i, "acc_flexible": 0.1 * i} for i in range(1, 4)]
+    path = train.plot_curves(str(tmp_path), metrics)
+    assert path == str(tmp_path / "curves.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
