@@ -49,9 +49,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 PRESETS = {
     # The embedded default: the toy base model the project ships (python toy.py rebuilds it).
-    # 13 parameters = one vector of u = 13 shared by all 14 modules of the 2-layer model (the toy
-    # has too few modules for 13 groups of u = 1; docs/toy.md). One thread: for a model this small
-    # it is much faster than two.
+    # 13 parameters = one vector of u = 13 shared by all 14 modules of the 2-layer model: with 14
+    # modules, ceil(14 / n_tie) groups of u = 1 never make 13. One thread: for a model this small it
+    # is much faster than two. Measured result: docs/results.md.
     "toy": dict(model=os.path.join(ROOT, "toy/base"), train_data=os.path.join(ROOT, "toy/data/train.jsonl"),
                 eval_data=os.path.join(ROOT, "toy/data/eval.jsonl"), system="", method="tinylora", u=13,
                 n_tie="all", lr=1e-2, steps=60, prompts_per_step=16, samples=8, max_new_tokens=48,
