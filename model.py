@@ -456,15 +456,16 @@ def _sample(logits, temperature, top_p, generator):
     if temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature, -1)
-    probs = logp.exp()
+    # one pass over the [N, V] logits at temperature 1: with a large vocabulary each extra temporary
+    # of that size costs as much as the pass itself (fresh pages from the OS)
+    probs = torch.softmax(logits if temperature == 1 else logits / temperature, -1)
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return token, logp.gather(-1, token[:, None])[:, 0]
+    return token, probs.gather(-1, token[:, None])[:, 0].log()  # a kept token keeps its full-softmax probability
 
 
 @torch.no_grad()
