@@ -25,8 +25,15 @@ toy: setup
 	$(PY) toy.py
 
 # Benchmarks print ratios against references measured in the same run (docs/performance.md).
-bench: setup
-	$(PY) bench/bench_svd.py
+$(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	OMP_NUM_THREADS=1 $(PY) bench/bench_svd.py
+	$(PY) bench/bench_rollout.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_grpo_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
