@@ -79,12 +79,13 @@ class Rollout:
 
 
 def rollout(model, tokenizer, prompt_ids, num_samples, max_new_tokens, temperature=1.0, top_p=1.0,
-            generator=None, adapter=None):
+            generator=None, adapter=None, seeds=None):
     """Sample `num_samples` completions for each prompt (a list of token-id lists) with the
-    adapter's update folded into the weights (exactly restored afterwards)."""
+    adapter's update folded into the weights (exactly restored afterwards). `seeds` (one int per
+    prompt) or `generator`: the randomness, as in model.generate."""
     with adapter.merged() if adapter is not None else contextlib.nullcontext():
         gen = generate(model, prompt_ids, max_new_tokens, tokenizer.end_ids, tokenizer.pad_id,
-                       temperature, top_p, num_samples, generator)
+                       temperature, top_p, num_samples, generator, seeds)
     texts = [tokenizer.decode(row[:n].tolist()) for row, n in zip(gen.tokens, gen.lengths.tolist())]
     return Rollout(list(prompt_ids), num_samples, gen.tokens, gen.lengths, gen.logprobs, texts)
 

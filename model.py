@@ -451,34 +451,51 @@ def left_pad(prompts, pad_id, device=None):
     return ids.to(device), start.to(device)
 
 
-def _sample(logits, temperature, top_p, generator):
-    """logits [N, V] fp32 -> (token [N], log-prob of it under softmax(logits / temperature))."""
+def _sample(logits, temperature, top_p, uniform):
+    """logits [N, V] fp32, uniform [N] in [0, 1) -> (token [N], log-prob of it under
+    softmax(logits / temperature)). The token is found by inverse CDF: the first whose cumulative
+    probability exceeds uniform * total, so a row's token depends on its own noise only."""
     if temperature == 0:
         token = logits.argmax(-1)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None])[:, 0]
     # one pass over the [N, V] logits at temperature 1: with a large vocabulary each extra temporary
     # of that size costs as much as the pass itself (fresh pages from the OS)
     probs = torch.softmax(logits if temperature == 1 else logits / temperature, -1)
+    kept = probs
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        kept = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
+    cdf = kept.cumsum(-1)  # [N, V]
+    token = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0]
+    token = token.clamp_max(probs.shape[-1] - 1)  # u * total rounding up to the last entry
     return token, probs.gather(-1, token[:, None])[:, 0].log()  # a kept token keeps its full-softmax probability
+
+
+def sampling_noise(seeds, num_samples, steps, device="cpu"):
+    """Uniform noise [len(seeds) * num_samples, steps] for `generate`, samples of a prompt adjacent.
+    With seeds (one int per prompt) each prompt's rows come from its own seeded stream, so a
+    completion depends only on its prompt's seed: not on batch size, batch order or which process
+    generates it (the basis of identical single- and multi-process runs). Without seeds, the noise
+    is drawn by `generate` from its generator (or torch's global RNG)."""
+    if seeds is None:
+        return None
+    rows = [torch.rand(num_samples, steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.cat(rows).to(device) if rows else torch.zeros(0, steps, device=device)
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, end_ids, pad_id, temperature=1.0, top_p=1.0,
-             num_samples=1, generator=None):
+             num_samples=1, generator=None, seeds=None):
     """Sample `num_samples` completions for each prompt (a list of token-id lists).
 
     The prompts are prefilled once as a left-padded batch; the KV cache is then copied
     `num_samples` times, so G samples of a prompt never re-run it. Rows stop independently at any
     id in `end_ids`; the loop ends when every row has stopped or after `max_new_tokens`.
     Returns a Generation with N = len(prompts) * num_samples rows, samples of a prompt adjacent.
-    temperature 0 = greedy. `generator`: a torch.Generator on the model's device, for
-    reproducible sampling."""
+    temperature 0 = greedy. Randomness: `seeds` (one int per prompt, see sampling_noise) makes each
+    completion a function of its prompt's seed alone; else `generator` (a torch.Generator on the
+    model's device) or torch's global RNG is used."""
     device = next(model.parameters()).device
     ids, start = left_pad(prompts, pad_id, device)
     cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, start,
@@ -494,8 +511,11 @@ def generate(model, prompts, max_new_tokens, end_ids, pad_id, temperature=1.0, t
     logprobs = torch.zeros(N, max_new_tokens, device=device)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
+    noise = sampling_noise(seeds, num_samples, max_new_tokens, device=device)
+    if noise is None:
+        noise = torch.rand(N, max_new_tokens, generator=generator, device=device)
     for t in range(max_new_tokens):
-        token, logp = _sample(logits, temperature, top_p, generator)
+        token, logp = _sample(logits, temperature, top_p, noise[:, t])
         token = token.masked_fill(done, pad_id)
         tokens[:, t] = token
         logprobs[:, t] = logp.masked_fill(done, 0.0)

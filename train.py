@@ -15,7 +15,7 @@ One GRPO step (grpo.py has the pieces, docs/grpo.md the equations):
     update   <- group advantages, clipped policy loss through the low-rank path, optimizer step(s)
 
 A run folder (`--out`, default runs/<date-time>) receives: args.json (every setting), metrics.jsonl
-(one line per step), checkpoint.safetensors (adapter + optimizer + RNG + data position, written
+(one line per step), checkpoint.safetensors (adapter + optimizer + step, written
 atomically every `--save-every` steps and on Ctrl-C), adapter.safetensors (the trained vector and
 the metadata to rebuild the rest), summary.json, and curves.png when matplotlib is installed.
 `--resume` continues a run from its checkpoint with the settings in its args.json; on a CPU with a
@@ -34,6 +34,7 @@ import sys
 import time
 from datetime import datetime
 
+import numpy as np
 import torch
 
 import data
@@ -181,14 +182,21 @@ def check_settings(s):
 # Evaluation
 
 
+def sampling_seeds(seed, stream, first, count):
+    """One sampling seed per prompt, a function of (run seed, stream, position) alone: stream 0 is
+    the evaluation (position = problem index), stream k the k-th training step (position = index in
+    the step's batch). So a completion does not depend on batching or on which process draws it."""
+    return [int(np.random.SeedSequence([seed, stream, i]).generate_state(1)[0]) for i in range(first, first + count)]
+
+
 def evaluate(net, tok, problems, s, adapter=None, temperature=0.0, seed=0):
     """Accuracy of the model (adapter folded in) on problems: one completion each -> dict."""
     prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in problems]
-    generator = torch.Generator(device=s.device).manual_seed(seed)
+    seeds = sampling_seeds(seed, 0, 0, len(problems))
     strict = flexible = 0
     for i in range(0, len(prompts), s.eval_batch):
         out = grpo.rollout(net, tok, prompts[i:i + s.eval_batch], 1, s.max_new_tokens, temperature, 1.0,
-                           generator, adapter)
+                           adapter=adapter, seeds=seeds[i:i + s.eval_batch])
         scores = data.score(out.texts, [p.target for p in problems[i:i + s.eval_batch]])
         strict += sum(scores.correct)
         flexible += sum(scores.flexible)
@@ -212,7 +220,7 @@ def accuracy_line(name, acc, temperature):
 # Checkpoints: one safetensors file, written to a temp name and renamed (atomic on POSIX)
 
 
-def save_checkpoint(path, adapter, optimizer, step, sample_rng):
+def save_checkpoint(path, adapter, optimizer, step):
     from safetensors.torch import save_file
 
     tensors = {f"adapter.{name}": t.detach().cpu().contiguous() for name, t in adapter.tensors.items()}
@@ -220,14 +228,13 @@ def save_checkpoint(path, adapter, optimizer, step, sample_rng):
     for index, state in optim["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
-    tensors["rng.sample"] = sample_rng.get_state()
     meta = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, adapter, optimizer, sample_rng):
+def load_checkpoint(path, adapter, optimizer):
     """Restore what save_checkpoint wrote; returns the step to continue from."""
     from safetensors import safe_open
 
@@ -243,7 +250,6 @@ def load_checkpoint(path, adapter, optimizer, sample_rng):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    sample_rng.set_state(tensors["rng.sample"])
     return int(meta["step"])
 
 
@@ -315,9 +321,10 @@ def lr_at(step, total, s):
     return s.lr * min(1.0, (step + 1) / warm) if warm else s.lr
 
 
-def grpo_step(net, tok, adapter, optimizer, batch, s, rng):
+def grpo_step(net, tok, adapter, optimizer, batch, s, step):
     prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in batch]
-    out = grpo.rollout(net, tok, prompts, s.samples, s.max_new_tokens, s.temperature, s.top_p, rng, adapter)
+    out = grpo.rollout(net, tok, prompts, s.samples, s.max_new_tokens, s.temperature, s.top_p, adapter=adapter,
+                       seeds=sampling_seeds(s.seed, step + 1, 0, len(batch)))
     targets = [p.target for p in batch for _ in range(s.samples)]
     scores = data.score(out.texts, targets)  # accuracy is always reported strict and flexible
     rewards = scores.rewards if s.reward == "strict" else data.score(out.texts, targets, s.reward).rewards
@@ -406,7 +413,6 @@ def train(s, net, tok, train_set, test_set):
     print(f"model {s.model} | {s.method} r={s.r} u={s.u} n_tie={s.n_tie} {s.tiling} | "
           f"trainable parameters: {adapter.num_trainable:,} | device {s.device}", flush=True)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    sample_rng = torch.Generator(device=s.device).manual_seed(s.seed)
     total = total_steps(s, len(train_set))
     os.makedirs(s.out, exist_ok=True)
     ckpt = os.path.join(s.out, "checkpoint.safetensors")
@@ -415,7 +421,7 @@ def train(s, net, tok, train_set, test_set):
     if s.resume:
         if not os.path.isfile(ckpt):
             raise UsageError(f"{ckpt}: no checkpoint to resume from")
-        start = load_checkpoint(ckpt, adapter, optimizer, sample_rng)
+        start = load_checkpoint(ckpt, adapter, optimizer)
         with open(metrics_file) as f:  # drop lines of steps after the checkpoint (lost with the kill)
             metrics = [m for m in map(json.loads, f) if m["step"] <= start]
         before = json.load(open(os.path.join(s.out, "before.json")))
@@ -444,7 +450,7 @@ def train(s, net, tok, train_set, test_set):
             batch = step_problems(train_set, step, s.prompts_per_step, s.seed)
             try:
                 if s.algo == "grpo":
-                    m = grpo_step(net, tok, adapter, optimizer, batch, s, sample_rng)
+                    m = grpo_step(net, tok, adapter, optimizer, batch, s, step)
                 else:
                     m = sft_step(net, tok, adapter, optimizer, batch, s)
             except grpo.NonFiniteError as e:
@@ -461,14 +467,14 @@ def train(s, net, tok, train_set, test_set):
             print(progress_line(step + 1 - start, total - start, m, time.time() - t0, tokens_seen / (time.time() - t0))
                   .replace(f"step {step + 1 - start}/{total - start}", f"step {step + 1}/{total}"), flush=True)
             if (s.save_every and (step + 1) % s.save_every == 0) or interrupted:
-                save_checkpoint(ckpt, adapter, optimizer, step + 1, sample_rng)
+                save_checkpoint(ckpt, adapter, optimizer, step + 1)
             if interrupted:
                 print(f"interrupted: checkpoint saved at step {step + 1}; continue with "
                       f"python train.py --resume --out {s.out}", flush=True)
                 return 130
     finally:
         signal.signal(signal.SIGINT, previous)
-    save_checkpoint(ckpt, adapter, optimizer, total, sample_rng)
+    save_checkpoint(ckpt, adapter, optimizer, total)
 
     adapter_path = os.path.join(s.out, "adapter.safetensors")
     tinylora.save_adapter(adapter, adapter_path, tinylora.DTYPES[s.adapter_dtype])

@@ -128,13 +128,40 @@ def test_rows_stop_at_end_id_and_keep_the_end_token(tiny_ckpt):
 @given(top_p=st.floats(0.05, 1.0), seed=st.integers(0, 1000))
 def test_top_p_draws_only_from_the_nucleus(top_p, seed):
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(seed))
-    token, logp = M._sample(logits, 1.0, top_p, torch.Generator().manual_seed(seed))
+    token, logp = M._sample(logits, 1.0, top_p, torch.rand(4, generator=torch.Generator().manual_seed(seed)))
     probs = torch.softmax(logits, -1)
     for row in range(4):
         p = probs[row, token[row]]
         mass_above = probs[row][probs[row] > p].sum()  # mass of strictly more likely tokens
         assert mass_above < top_p + 1e-6
         assert torch.isclose(logp[row], p.log(), atol=1e-5)
+
+
+def test_inverse_cdf_sampling_follows_the_softmax():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 0.0]]).expand(20000, 5)
+    token, _ = M._sample(logits, 0.7, 1.0, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(token, minlength=5).float() / 20000
+    expected = torch.softmax(logits[0] / 0.7, -1)
+    assert (freq - expected).abs().max() < 0.01  # 4 standard errors at 20,000 draws
+
+
+def test_seeded_samples_do_not_depend_on_the_batch(tiny_ckpt):
+    """With one seed per prompt, a prompt's completions are the same alone, in a batch, or in
+    another order: what lets several processes split a batch and still sample what one would."""
+    model = M.load_model(tiny_ckpt[0], device="cpu")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+    args = dict(max_new_tokens=8, end_ids=[2], pad_id=0, temperature=1.0, num_samples=3)
+    batch = M.generate(model, prompts, seeds=[11, 22, 33], **args)
+    for i, (prompt, seed) in enumerate(zip(prompts, [11, 22, 33])):
+        alone = M.generate(model, [prompt], seeds=[seed], **args)
+        rows = slice(3 * i, 3 * i + 3)
+        n = int(alone.lengths.max())
+        assert torch.equal(batch.lengths[rows], alone.lengths)
+        assert torch.equal(batch.tokens[rows, :n], alone.tokens)
+        torch.testing.assert_close(batch.logprobs[rows, :n], alone.logprobs, atol=1e-5, rtol=0)
+    reordered = M.generate(model, prompts[::-1], seeds=[33, 22, 11], **args)
+    assert torch.equal(reordered.lengths, torch.cat([batch.lengths[6:], batch.lengths[3:6], batch.lengths[:3]]))
+    assert not torch.equal(batch.tokens[:3], batch.tokens[3:6][:, :batch.tokens.shape[1]])  # seeds differ
 
 
 def test_bf16_load_runs_and_stays_close_to_fp32(tiny_ckpt):
