@@ -66,7 +66,7 @@ PRESETS = {
 }
 
 DEFAULTS = dict(  # used when neither the command line nor the preset sets a value
-    model=None, train_data=None, eval_data=None, system=None, instruction=data.DEFAULT_INSTRUCTION,
+    out=None, adapter=None, model=None, train_data=None, eval_data=None, system=None, instruction=data.DEFAULT_INSTRUCTION,
     algo="grpo", method="tinylora", r=2, u=1, n_tie="1", tiling="tiled", proj_seed=0, scale=1.0,
     svd="randomized", lr=1e-3, steps=0, epochs=1, prompts_per_step=16, samples=4, max_new_tokens=512,
     temperature=1.0, top_p=1.0, clip_low=0.2, clip_high=0.2, tis_cap=0.0, kl_beta=0.0, agg="token-mean",

@@ -76,13 +76,16 @@ def test_sft_and_eval_only_with_the_trained_adapter(setup, tmp_path, capsys):
     assert load_file(str(out / "adapter.safetensors"))["R"].abs().sum() > 0  # trained away from zero
 
 
-def test_embedded_default_runs_a_few_steps(tmp_path, capsys):
-    out = tmp_path / "default"
-    assert train.main(["--out", str(out), "--steps", "2", "--eval-limit", "16", "--prompts-per-step", "4"]) == 0
+def test_embedded_default_runs_a_few_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no --out, as `make train` runs it: the run folder is runs/<date-time>
+    assert train.main(["--steps", "2", "--eval-limit", "16", "--prompts-per-step", "4"]) == 0
     printed = capsys.readouterr().out
     assert "trainable parameters: 13" in printed
     assert "before" in printed and "after" in printed and "adapter: " in printed and "bytes" in printed
+    (out,) = (tmp_path / "runs").iterdir()
     assert json.load(open(out / "summary.json"))["trainable_parameters"] == 13
+    assert train.main(["--eval-only", "--eval-limit", "16"]) == 0  # the base model alone, no --adapter
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["adapter"] is None
 
 
 def _run(args, **kw):
