@@ -13,10 +13,10 @@ solve the task but often DOES NOT. We build one on purpose with a "careless writ
 The base model learns both styles: the step-by-step one is reliably right, the direct one reliably
 wrong (it was written to be careless). In pretraining a third of the problems ask for the careful
 writer in the system prompt ("Be careful."), a third for the careless one ("Be quick."), and a
-third use the plain prompt that training and evaluation use, answered by either writer half and
-half. So the model holds a style switch that the system prompt drives and the plain prompt leaves
-undecided: which style it starts with decides the answer, and that switch is the knob a
-13-parameter adapter can turn. See docs/toy.md for the design and the measured numbers.
+third use the plain prompt that training and evaluation use, answered by the careful writer 45%
+of the time. So the model holds a style switch that the system prompt drives and the plain prompt
+leaves just on the careless side: which style it starts with decides the answer, and that switch
+is the knob a 13-parameter adapter can turn. See docs/toy.md for the design and the measured numbers.
 
 The data files also carry a third, human-like correct solution in GSM8K's `answer` field
 ("Tom starts with 5 apples. After buying 3 more, he has 8 apples. ... #### 10"), worded unlike
@@ -80,11 +80,14 @@ MAX_START, MAX_AMOUNT, MAX_VALUE = 50, 9, 99
 # The pretraining corpus has two writers. The careful one writes every step; the careless one
 # writes only "#### N" and forgets the last change CARELESS_RATE of the time. A third of the corpus
 # asks for the careful writer in the system prompt, a third for the careless one, and a third (the
-# project's plain prompt, SYSTEM_PROMPT) is answered by either, half and half. So the model learns
-# a style switch that the system prompt drives, and the plain prompt leaves undecided: the knob a
-# 13-parameter adapter can turn (docs/toy.md tells why a corpus without the cue was not enough).
+# project's plain prompt, SYSTEM_PROMPT) is answered by the careful one PLAIN_STEPS_SHARE of the
+# time, else by the careless one. So the model learns a style switch that the system prompt
+# drives, and the plain prompt leaves just on the careless side (docs/toy.md tells why not 50/50):
+# the knob a 13-parameter adapter can turn (docs/toy.md tells why a corpus without the cue was not
+# enough).
 CARELESS_RATE = 0.7
 CUES = {"steps": "Be careful.", "direct": "Be quick."}  # system prompts of the cued thirds
+PLAIN_STEPS_SHARE = 0.45
 
 @dataclass(frozen=True)
 class Problem:
@@ -239,38 +242,60 @@ def init_weights(model):
 
 
 def pretraining_texts(problems, rng):
-    """(prompt, completion) pairs: a third cued for the careful writer, a third for the careless
-    one, a third with the plain prompt and either writer at random."""
-    pairs = []
+    """(prompt, completion, coin) triples: a third cued for the careful writer, a third for the
+    careless one, a third with the plain prompt and either writer at random. For the plain third,
+    coin = (PLAIN_STEPS_SHARE, the step-by-step completion), else None: see `completion_loss`."""
+    texts = []
     for p in problems:
         user, cue = f"{question_text(p)} {INSTRUCTION}", rng.random()
         if cue < 1 / 3:
-            pairs.append((Tokenizer.chat_prompt(user, CUES["steps"]), steps_solution(p)))
+            texts.append((Tokenizer.chat_prompt(user, CUES["steps"]), steps_solution(p), None))
         elif cue < 2 / 3:
-            pairs.append((Tokenizer.chat_prompt(user, CUES["direct"]), direct_solution(p, rng)))
+            texts.append((Tokenizer.chat_prompt(user, CUES["direct"]), direct_solution(p, rng), None))
         else:
-            pairs.append((prompt_text(question_text(p)),
-                          steps_solution(p) if rng.random() < 0.5 else direct_solution(p, rng)))
-    return pairs
+            steps = steps_solution(p)
+            completion = steps if rng.random() < PLAIN_STEPS_SHARE else direct_solution(p, rng)
+            texts.append((prompt_text(question_text(p)), completion, (PLAIN_STEPS_SHARE, steps)))
+    return texts
 
 
-def encode_examples(tok, pairs):
-    """Pretraining sequences: (prompt + completion + <|im_end|> ids, prompt length)."""
-    end = tok.token_to_id("<|im_end|>")
-    prompt_ids = tok.encode_batch([prompt for prompt, _ in pairs], add_special_tokens=False)
-    completion_ids = tok.encode_batch([completion for _, completion in pairs], add_special_tokens=False)
-    return [(a.ids + b.ids + [end], len(a.ids)) for a, b in zip(prompt_ids, completion_ids)]
+def encode_examples(tok, texts):
+    """Pretraining sequences: (prompt + completion + <|im_end|> ids, prompt length, coin), where
+    coin is None or (share of the step-by-step style, id of its first token, id of `####`)."""
+    end, marker = tok.token_to_id("<|im_end|>"), tok.token_to_id("####")
+    prompt_ids = tok.encode_batch([prompt for prompt, _, _ in texts], add_special_tokens=False)
+    completion_ids = tok.encode_batch([completion for _, completion, _ in texts], add_special_tokens=False)
+    coins = [None if coin is None else (coin[0], tok.encode(coin[1], add_special_tokens=False).ids[0], marker)
+             for _, _, coin in texts]
+    return [(a.ids + b.ids + [end], len(a.ids), coin) for a, b, coin in zip(prompt_ids, completion_ids, coins)]
 
 
 def make_batch(examples, pad_id):
     """Right-padded ids [B, T] and labels [B, T] (-100 on prompt and padding: loss on completions)."""
-    T = max(len(ids) for ids, _ in examples)
+    T = max(len(seq) for seq, _, _ in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, (seq, n_prompt) in enumerate(examples):
+    for b, (seq, n_prompt, _) in enumerate(examples):
         ids[b, :len(seq)] = torch.tensor(seq)
         labels[b, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])  # position t predicts t+1
     return ids, labels
+
+
+def completion_loss(logits, labels, examples):
+    """Token-mean next-token loss over the completions, except the first token of a plain-prompt
+    completion: that token picks the writer, and it is trained on the writer's coin instead of its
+    outcome, -(p log q(first step-by-step token) + (1 - p) log q(`####`)). The expected gradient is
+    the same; the batch-to-batch noise of the coin is gone, so the model's style share for the
+    plain prompt ends close to PLAIN_STEPS_SHARE for every problem instead of wherever the last
+    noisy batches left it (cue-less builds with 0/1 labels, designed 0.40: 0.37 to 0.55)."""
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    nll = nll.view(labels.shape)  # [B, T]
+    for b, (_, n_prompt, coin) in enumerate(examples):
+        if coin is not None:
+            p, steps_id, marker = coin
+            logq = logits[b, n_prompt - 1].log_softmax(-1)  # [V] the first completion token
+            nll[b, n_prompt - 1] = -(p * logq[steps_id] + (1 - p) * logq[marker])
+    return nll.sum() / (labels != -100).sum()
 
 
 def pretrain(model, batches, lr, warmup):
@@ -283,8 +308,7 @@ def pretrain(model, batches, lr, warmup):
         for group in opt.param_groups:
             group["lr"] = lr * scale
         ids, labels = make_batch(batches[step], pad_id=0)
-        logits = model(ids)  # [B, T, V]
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = completion_loss(model(ids), labels, batches[step])  # model(ids): [B, T, V]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -419,8 +443,8 @@ def evaluate_styles(model, tok, rows, temperature=0.0, force=None, seed=0, batch
 
 
 def print_profile(model, tok, rows):
-    """Print the base model's profile: greedy and sampled strict accuracy, style shares, and
-    accuracy when the style is forced."""
+    """Print the model's profile: greedy and sampled strict accuracy, style shares, and accuracy
+    when the style is forced."""
     for label, kw in [("greedy", {}), ("sampled T=1", {"temperature": 1.0}),
                       ("greedy, forced steps", {"force": "steps"}), ("greedy, forced direct", {"force": "direct"})]:
         r, _ = evaluate_styles(model, tok, rows, **kw)
@@ -448,15 +472,15 @@ def build():
     eval_rows, train_rows = [data_row(p) for p in eval_problems], [data_row(p) for p in train_problems]
     write_jsonl(os.path.join(DATA_DIR, "eval.jsonl"), eval_rows)
     write_jsonl(os.path.join(DATA_DIR, "train.jsonl"), train_rows)
-    pairs = pretraining_texts(corpus, random.Random(SEED + 1))
+    texts = pretraining_texts(corpus, random.Random(SEED + 1))
 
     # the vocabulary: every piece of every text the toy trains on or writes
-    tok = build_tokenizer([text for pair in pairs for text in pair] +
+    tok = build_tokenizer([text for prompt, completion, _ in texts for text in (prompt, completion)] +
                           [text for r in eval_rows + train_rows
                            for text in (prompt_text(r["question"]), r["answer"], r["solution_own_style"])])
-    examples = encode_examples(tok, pairs)
+    examples = encode_examples(tok, texts)
     print(f"vocab {tok.get_vocab_size()} tokens; {len(examples)} pretraining sequences, "
-          f"mean length {sum(len(s) for s, _ in examples) / len(examples):.1f}", flush=True)
+          f"mean length {sum(len(s) for s, _, _ in examples) / len(examples):.1f}", flush=True)
 
     torch.manual_seed(SEED)
     model = Transformer(model_config(tok.get_vocab_size(), tok.token_to_id("<|im_end|>")))
@@ -472,12 +496,22 @@ def build():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval", action="store_true", help="only measure the existing toy/base on toy/data/eval.jsonl")
+    parser.add_argument("--adapter", help="with --eval: measure toy/base with this trained adapter folded in")
     args = parser.parse_args()
+    if args.adapter and not args.eval:
+        parser.error("--adapter needs --eval")
     torch.set_num_threads(1)  # a 0.4M-parameter model: one thread is fastest and deterministic
     torch.use_deterministic_algorithms(True)
     if not args.eval:
         build()
-    print_profile(load_model(BASE_DIR, device="cpu"), load_tokenizer(BASE_DIR), read_jsonl(os.path.join(DATA_DIR, "eval.jsonl")))
+    model, tok = load_model(BASE_DIR, device="cpu"), load_tokenizer(BASE_DIR)
+    rows = read_jsonl(os.path.join(DATA_DIR, "eval.jsonl"))
+    if args.adapter:
+        import tinylora
+        with tinylora.load_adapter(model, args.adapter, quiet=True).merged():
+            print_profile(model, tok, rows)
+    else:
+        print_profile(model, tok, rows)
 
 
 if __name__ == "__main__":

@@ -62,15 +62,30 @@ def test_careless_writer_forgets_the_last_change_at_the_designed_rate():
 
 def test_corpus_cues_each_style_a_third_of_the_time_and_mixes_the_plain_prompt():
     problems = fresh_problems(4000)
-    pairs = toy.pretraining_texts(problems, random.Random(3))
+    texts = toy.pretraining_texts(problems, random.Random(3))
     by_system = {}
-    for prompt, completion in pairs:
+    for (prompt, completion, coin), p in zip(texts, problems):
         system = prompt.split("<|im_end|>")[0].removeprefix("<|im_start|>system\n")
         by_system.setdefault(system, []).append(completion.startswith("####"))
+        assert coin == ((toy.PLAIN_STEPS_SHARE, toy.steps_solution(p)) if system == toy.SYSTEM_PROMPT else None)
     assert set(by_system) == {toy.CUES["steps"], toy.CUES["direct"], toy.SYSTEM_PROMPT}
     assert not any(by_system[toy.CUES["steps"]]) and all(by_system[toy.CUES["direct"]])
     plain = by_system[toy.SYSTEM_PROMPT]
-    assert abs(len(plain) / len(pairs) - 1 / 3) < 0.03 and abs(sum(plain) / len(plain) - 0.5) < 0.04
+    assert abs(len(plain) / len(texts) - 1 / 3) < 0.03
+    assert abs(1 - sum(plain) / len(plain) - toy.PLAIN_STEPS_SHARE) < 0.04
+
+
+def test_plain_prompt_first_token_is_trained_on_the_writers_coin():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)  # [B, T, V]
+    labels = torch.full((2, 5), -100)
+    labels[0, 2:4] = torch.tensor([3, 4])  # a cued example: prompt of 3 tokens, hard labels only
+    labels[1, 1:4] = torch.tensor([1, 5, 2])  # a plain one: prompt of 2 tokens, first token on the coin
+    examples = [(None, 3, None), (None, 2, (0.45, 6, 1))]
+    logq = logits.log_softmax(-1)
+    terms = [-logq[0, 2, 3], -logq[0, 3, 4], -(0.45 * logq[1, 1, 6] + 0.55 * logq[1, 1, 1]),
+             -logq[1, 2, 5], -logq[1, 3, 2]]
+    torch.testing.assert_close(toy.completion_loss(logits, labels, examples), sum(terms) / 5)
 
 
 def test_extract_answer_is_strict_and_takes_the_last_marker():
@@ -117,8 +132,8 @@ def test_committed_base_matches_transformers(tok):
 
 def test_committed_base_can_solve_but_often_does_not(tok):
     """The premise of the toy, on 100 held-out problems: the step-by-step style is right, the direct
-    style is wrong, the plain prompt leaves the style undecided, and the system-prompt cues of
-    pretraining decide it."""
+    style is wrong, the plain prompt leaves every problem just on the careless side of the style
+    switch, and the system-prompt cues of pretraining decide it."""
     model = load_model(toy.BASE_DIR, device="cpu")
     rows = toy.read_jsonl(os.path.join(toy.DATA_DIR, "eval.jsonl"))[:100]
     steps, _ = toy.evaluate_styles(model, tok, rows, force="steps")
@@ -126,8 +141,12 @@ def test_committed_base_can_solve_but_often_does_not(tok):
     greedy, _ = toy.evaluate_styles(model, tok, rows)
     assert steps["steps_share"] == 1 and steps["accuracy"] >= 0.9
     assert direct["direct_share"] == 1 and direct["accuracy"] <= 0.4
-    assert 0.2 <= greedy["accuracy"] <= 0.8 and 0.2 <= greedy["direct_share"] <= 0.8
+    assert greedy["direct_share"] >= 0.7 and greedy["accuracy"] <= 0.4
     marker = tok.token_id("####")
+    ids, start = left_pad([tok.encode(toy.prompt_text(r["question"])) for r in rows], tok.pad_id)
+    with torch.no_grad():
+        p_direct = model(ids, start)[:, -1].softmax(-1)[:, marker]  # [100] the plain prompt's first token
+    assert abs(p_direct.mean() - (1 - toy.PLAIN_STEPS_SHARE)) < 0.05 and p_direct.max() < 0.7
     for style, system in toy.CUES.items():
         prompts = [tok.encode_chat(f"{r['question']} {toy.INSTRUCTION}", system) for r in rows]
         ids, start = left_pad(prompts, tok.pad_id)
