@@ -209,10 +209,14 @@ class KVCache:
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.start = start  # [B] left-pad counts
+        self.cfg = cfg
         self.length = 0  # positions filled so far (same for every row)
-        slots = torch.arange(max_len, device=device)
-        cos, sin = rope_cos_sin(slots[None], cfg.head_dim, cfg.rope_theta, dtype)
+        self._set_rows(start, max_len)
+
+    def _set_rows(self, start, max_len):
+        self.start = start  # [B] left-pad counts
+        slots = torch.arange(max_len, device=start.device)
+        cos, sin = rope_cos_sin(slots[None], self.cfg.head_dim, self.cfg.rope_theta, self.k[0].dtype)
         self.cos, self.sin = cos[0, 0], sin[0, 0]  # [max_len, hd], indexed by rope position
         self.key_mask = (slots[None, :] >= start[:, None])[:, None, None]  # [B, 1, 1, max_len]: real tokens
 
@@ -226,12 +230,16 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def repeat_interleave(self, n):
-        """Give every row n copies (G samples per prompt share one prefill)."""
-        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
-        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
-        self.start = self.start.repeat_interleave(n)
-        self.key_mask = self.key_mask.repeat_interleave(n, dim=0)
+    def repeat_interleave(self, n, max_len):
+        """Give every row n copies (G samples per prompt share one prefill), in a cache of max_len
+        positions. `generate` prefills the prompts in a cache just long enough for them, so only
+        the copies get room for the completions: the peak is one full-size cache, not two."""
+        for kv in (self.k, self.v):
+            for layer, old in enumerate(kv):
+                new = old.new_zeros(old.shape[0] * n, old.shape[1], max_len, old.shape[3])
+                new[:, :, :self.length] = old[:, :, :self.length].repeat_interleave(n, dim=0)
+                kv[layer] = new  # the old layer is freed here, before the next one is copied
+        self._set_rows(self.start.repeat_interleave(n), max_len)
 
 
 class Transformer(nn.Module):
@@ -498,11 +506,12 @@ def generate(model, prompts, max_new_tokens, end_ids, pad_id, temperature=1.0, t
     model's device) or torch's global RNG is used."""
     device = next(model.parameters()).device
     ids, start = left_pad(prompts, pad_id, device)
-    cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, start,
+    max_len = ids.shape[1] + max_new_tokens
+    cache = KVCache(model.config, len(prompts), ids.shape[1] if num_samples > 1 else max_len, start,
                     next(model.parameters()).dtype, device)
     logits = model.lm_head(model.hidden_states(ids, cache=cache)[:, -1]).float()  # [B, V], last position only
     if num_samples > 1:
-        cache.repeat_interleave(num_samples)
+        cache.repeat_interleave(num_samples, max_len)
         logits = logits.repeat_interleave(num_samples, dim=0)
 
     N = logits.shape[0]
