@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test setup toy bench clean
+.PHONY: train test setup toy sweep bench bench-gpu clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ test: setup
 toy: setup
 	$(PY) toy.py
 
+# The paper in miniature (docs/results.md): accuracy vs trained parameters, RL vs SFT, on the toy.
+# About 45 minutes on 2 cores; matplotlib (requirements-plot.txt) draws the plot.
+$(VENV)/.plot-installed: $(VENV)/.installed requirements-plot.txt
+	$(PY) -m pip install --quiet -r requirements-plot.txt
+	touch $@
+
+sweep: $(VENV)/.plot-installed
+	$(PY) sweep.py
+
 # Benchmarks print ratios against references measured in the same run (docs/performance.md).
 $(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
 	$(PY) -m pip install --quiet -r requirements-bench.txt
@@ -34,6 +43,10 @@ bench: $(VENV)/.bench-installed
 	$(PY) bench/bench_rollout.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_grpo_memory.py
+
+# The same comparisons on a CUDA GPU in bf16 (docs/performance.md); about 5 minutes on an H200.
+bench-gpu: $(VENV)/.bench-installed
+	$(PY) bench/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

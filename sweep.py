@@ -1,0 +1,284 @@
+"""The paper in miniature: held-out accuracy vs number of trained parameters, RL vs SFT.
+
+    python sweep.py                  the full sweep on the embedded toy (make sweep; about 45 min
+                                     on 2 cores): sweeps/<date-time>/results.{md,json} + plot
+    python sweep.py --quick          a plumbing check: 2 points, 1 seed, 2 steps, 16 problems
+    python sweep.py --probe-lr       the learning-rate probe that chose LRS below
+
+Every point is one `train.py` run (train.main in a worker process, one thread each) from the
+embedded default's settings (toy preset: 60 steps of 16 prompts, 500 held-out problems), changing
+only the method, its size, the algorithm and the seed. The points (docs/results.md reads them):
+- size: TinyLoRA at 1 parameter (u = 1, all 14 modules tied), 13 (u = 13 tied: the default),
+  14 (u = 1 untied), 182 (u = 13 untied); LoRA-XS r = 2 and 16; LoRA r = 1 and 8; full
+  fine-tuning; all trained by GRPO;
+- the same sizes trained by SFT on reference solutions, in two variants: `solution_own_style`
+  (the base model's own step-by-step wording) and `answer` (GSM8K-style human wording the base
+  model never saw);
+- tiling: tiled vs structured tying at 7 parameters (u = 1, n_tie = 2);
+- rank: r = 1, 2, 4 at 13 parameters (r = 2 is the size point's).
+Each run reports greedy accuracy, strict (`#### N`) and flexible (last number), and sampled
+(T = 1) accuracy: strict minus flexible is what format alone costs.
+
+Outputs (in --out): runs/<point>-s<seed>/ and runs/<point>-s<seed>.log (each run's folder and output), results.json (every run,
+the per-point means, the exact command, seeds, git commit, wall time), results.md (the table) and
+accuracy_vs_params.png (when matplotlib is installed; the table does not need it).
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TRAIN_DATA = os.path.join(ROOT, "toy", "data", "train.jsonl")
+
+# Learning rate per method, from `python sweep.py --probe-lr` (GRPO, seed 0, the grid PROBE_LRS;
+# chosen by greedy accuracy on 200 TRAINING problems after the run, never on the held-out set).
+# SFT uses the same rate as GRPO for a method, so the two differ in the objective alone.
+# Measured (python sweep.py --probe-lr, 2026-11-28), greedy accuracy on 200 training problems:
+#   method     lr 1e-4   lr 1e-3   lr 1e-2
+#   tinylora   0.425     0.940     0.935     (13 parameters; the toy preset's 1e-2 is as good)
+#   lora-xs    0.990     0.985     0.000     (r = 16)
+#   lora       0.940     0.985     0.990     (r = 1)
+#   full       0.990     0.015     0.005
+LRS = {"tinylora": 1e-3, "lora-xs": 1e-4, "lora": 1e-2, "full": 1e-4}
+PROBE_LRS = [1e-4, 1e-3, 1e-2]
+
+
+@dataclass
+class Point:
+    name: str  # unique; used for folder names
+    group: str  # size | tiling | rank
+    method: str
+    flags: list = field(default_factory=list)  # train.py flags of the adapter's size and shape
+    algo: str = "grpo"  # grpo | sft-own | sft-human
+
+    def argv(self, lr):
+        algo = {"grpo": ["--algo", "grpo"], "sft-own": ["--algo", "sft", "--sft-field", "solution_own_style"],
+                "sft-human": ["--algo", "sft", "--sft-field", "answer"]}[self.algo]
+        return ["--method", self.method, *self.flags, *algo, "--lr", str(lr)]
+
+
+UNTIED = ["--u", "1", "--n-tie", "1"]  # undo the toy preset's u = 13 tied vector for the other methods
+SIZES = [  # (name, method, flags): the x-axis of the plot
+    ("tinylora-u1-tied", "tinylora", ["--u", "1", "--n-tie", "all"]),
+    ("tinylora-u13-tied", "tinylora", ["--u", "13", "--n-tie", "all"]),
+    ("tinylora-u1", "tinylora", ["--u", "1", "--n-tie", "1"]),
+    ("tinylora-u13", "tinylora", ["--u", "13", "--n-tie", "1"]),
+    ("lora-xs-r2", "lora-xs", ["--r", "2", *UNTIED]),
+    ("lora-xs-r16", "lora-xs", ["--r", "16", *UNTIED]),
+    ("lora-r1", "lora", ["--r", "1", *UNTIED]),
+    ("lora-r8", "lora", ["--r", "8", *UNTIED]),
+    ("full", "full", UNTIED),
+]
+
+
+def all_points():
+    points = [Point(f"{name}-{algo}", "size", method, flags, algo)
+              for algo in ("grpo", "sft-own", "sft-human") for name, method, flags in SIZES]
+    points += [Point(f"tinylora-u1-tie2-{tiling}", "tiling", "tinylora", ["--u", "1", "--n-tie", "2", "--tiling", tiling])
+               for tiling in ("tiled", "structured")]
+    points += [Point(f"tinylora-u13-tied-r{r}", "rank", "tinylora", ["--u", "13", "--n-tie", "all", "--r", str(r)])
+               for r in (1, 4)]
+    return points
+
+
+def run_one(argv, log_path):
+    """One train.py run in this (worker) process, its output in log_path -> exit code."""
+    import contextlib
+
+    import torch
+
+    import train
+
+    torch.set_num_threads(1)
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        return train.main(argv)
+
+
+def run_all(jobs, workers):
+    """jobs: [(key, argv, run_dir)] -> {key: exit code}, `workers` processes at a time, with a
+    progress line per finished run."""
+    codes, t0 = {}, time.time()
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no state shared with this one
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {}
+        for key, argv, run_dir in jobs:
+            os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+            futures[pool.submit(run_one, argv, run_dir + ".log")] = (key, run_dir)
+        for done, future in enumerate(as_completed(futures), 1):
+            key, run_dir = futures[future]
+            codes[key] = future.result()
+            elapsed = time.time() - t0
+            summary = read_summary(run_dir)
+            result = (f"greedy {summary['before']['greedy']['strict']:.3f} -> {summary['after']['greedy']['strict']:.3f}"
+                      if summary else f"FAILED (exit {codes[key]}, see {run_dir}.log)")
+            print(f"[{done}/{len(jobs)}] {os.path.basename(run_dir)}: {result} | elapsed {elapsed / 60:.1f} min, "
+                  f"ETA {elapsed / done * (len(jobs) - done) / 60:.1f} min", flush=True)
+    return codes
+
+
+def read_summary(run_dir):
+    path = os.path.join(run_dir, "summary.json")
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def mean_std(xs):
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(points, seeds, out):
+    """Per-point means over seeds of every accuracy, from the runs' summary.json files."""
+    rows = []
+    for p in points:
+        runs = [read_summary(os.path.join(out, "runs", f"{p.name}-s{seed}")) for seed in seeds]
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        row = {"point": p.name, "group": p.group, "method": p.method, "algo": p.algo, "flags": p.flags,
+               "lr": runs[0]["settings"]["lr"], "params": runs[0]["trainable_parameters"], "seeds": len(runs)}
+        for when in ("before", "after"):
+            for decoding in ("greedy", "sampled"):
+                for check in ("strict", "flexible"):
+                    m, s = mean_std([r[when][decoding][check] for r in runs])
+                    row[f"{when}_{decoding}_{check}"], row[f"{when}_{decoding}_{check}_std"] = m, s
+        rows.append(row)
+    return rows
+
+
+def table(rows):
+    """The markdown table of the sweep: one line per point."""
+    lines = ["| point | algorithm | trained params | lr | seeds | greedy strict | greedy flexible | sampled strict |",
+             "|---|---|---:|---:|---:|---|---|---|"]
+    if rows:
+        base = rows[0]
+        lines.append(f"| base model (no training) | | 0 | | | {base['before_greedy_strict']:.3f} | "
+                     f"{base['before_greedy_flexible']:.3f} | {base['before_sampled_strict']:.3f} |")
+    for r in rows:
+        cells = [f"{r[f'after_{k}']:.3f} ± {r[f'after_{k}_std']:.3f}" if r["seeds"] > 1 else f"{r[f'after_{k}']:.3f}"
+                 for k in ("greedy_strict", "greedy_flexible", "sampled_strict")]
+        lines.append(f"| {r['point']} | {r['algo']} | {r['params']:,} | {r['lr']:g} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    """Accuracy vs trained parameters (log x), one line per algorithm; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labels = {"grpo": "GRPO (RL)", "sft-own": "SFT, own-style demonstrations",
+              "sft-human": "SFT, human-style demonstrations"}
+    for algo, label in labels.items():
+        line = sorted((r for r in rows if r["group"] == "size" and r["algo"] == algo), key=lambda r: r["params"])
+        if line:
+            ax.errorbar([r["params"] for r in line], [r["after_greedy_strict"] for r in line],
+                        yerr=[r["after_greedy_strict_std"] for r in line], marker="o", capsize=3, label=label)
+    if rows:
+        ax.axhline(rows[0]["before_greedy_strict"], color="gray", linestyle="--", label="base model")
+    ax.set_xscale("log")
+    ax.set_xlabel("trained parameters")
+    ax.set_ylabel("held-out accuracy (greedy, strict)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("toy task: accuracy vs trained parameters", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def git_commit():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def probe_lr(args):
+    """GRPO on seed 0 for each method at each rate in PROBE_LRS; prints the greedy accuracy after
+    training on the first 200 training problems (the held-out set plays no part in the choice)."""
+    methods = {"tinylora": SIZES[1], "lora-xs": SIZES[5], "lora": SIZES[6], "full": SIZES[8]}
+    jobs = [((method, lr), ["--out", os.path.join(args.out, "probe", f"{name}-lr{lr:g}"), "--seed", "0",
+                            "--method", method, *flags, "--lr", str(lr), "--eval-data", TRAIN_DATA,
+                            "--eval-limit", "200", *args.extra],
+             os.path.join(args.out, "probe", f"{name}-lr{lr:g}"))
+            for method, (name, _, flags) in methods.items() for lr in PROBE_LRS]
+    run_all(jobs, args.workers)
+    print("method      " + "".join(f"lr {lr:<8g}" for lr in PROBE_LRS))
+    for method, (name, _, _) in methods.items():
+        cells = []
+        for lr in PROBE_LRS:
+            summary = read_summary(os.path.join(args.out, "probe", f"{name}-lr{lr:g}"))
+            cells.append(f"{summary['after']['greedy']['strict']:<11.3f}" if summary else "failed     ")
+        print(f"{method:<12}" + "".join(cells))
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="sweep folder (default sweeps/<date-time>)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per point (0, 1, ...)")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--quick", action="store_true", help="plumbing check: 2 points, 1 seed, 2 steps, 16 problems")
+    p.add_argument("--probe-lr", action="store_true", help="run the learning-rate probe instead of the sweep")
+    p.add_argument("extra", nargs="*", help="more train.py flags for every run, after --")
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.workers < 1:
+        print(f"error: --seeds and --workers must be >= 1, got {args.seeds} and {args.workers}", file=sys.stderr)
+        return 2
+    args.out = args.out or os.path.join("sweeps", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        print(f"error: {args.out}: sweep folder exists and is not empty; pass another --out", file=sys.stderr)
+        return 2
+    if args.probe_lr:
+        return probe_lr(args)
+
+    points, seeds = all_points(), list(range(args.seeds))
+    if args.quick:
+        points, seeds = [points[1], points[len(SIZES) + 1]], [0]  # TinyLoRA 13 by GRPO and by own-style SFT
+        args.extra = ["--steps", "2", "--prompts-per-step", "4", "--eval-limit", "16", *args.extra]
+    jobs = [((p.name, seed), ["--out", os.path.join(args.out, "runs", f"{p.name}-s{seed}"), "--seed", str(seed),
+                              *p.argv(LRS[p.method]), *args.extra],
+             os.path.join(args.out, "runs", f"{p.name}-s{seed}"))
+            for seed in seeds for p in points]
+    print(f"sweep: {len(points)} points x {len(seeds)} seeds = {len(jobs)} train.py runs, {args.workers} at a time, "
+          f"into {args.out}", flush=True)
+    t0 = time.time()
+    codes = run_all(jobs, args.workers)
+    rows = summarize(points, seeds, args.out)
+    result = {"command": "python " + " ".join(["sweep.py", *(sys.argv[1:] if argv is None else argv)]),
+              "git_commit": git_commit(), "seeds": seeds, "workers": args.workers, "wall_seconds": time.time() - t0,
+              "date": datetime.now().isoformat(timespec="seconds"), "lrs": LRS, "extra_flags": args.extra,
+              "points": rows, "failed_runs": [f"{name}-s{seed}" for (name, seed), c in codes.items() if c != 0]}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    md = table(rows)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(f"Command: `{result['command']}` (git {result['git_commit']}, {result['date']}, "
+                f"{result['wall_seconds'] / 60:.1f} min with {args.workers} workers)\n\n" + md)
+    png = plot(rows, os.path.join(args.out, "accuracy_vs_params.png"))
+    print(md)
+    print(f"results: {args.out}/results.md, results.json"
+          + (", accuracy_vs_params.png" if png else " (no plot: matplotlib is not installed)"))
+    return 1 if result["failed_runs"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""sweep.py's plumbing at a tiny size: two points, one seed, two steps, a valid table and record."""
+
+import json
+import os
+
+import pytest
+
+import sweep
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sweep") / "s")
+    code = sweep.main(["--quick", "--out", out, "--workers", "2"])
+    return code, out
+
+
+def test_quick_sweep_writes_a_valid_table_and_record(quick):
+    code, out = quick
+    assert code == 0
+    result = json.load(open(os.path.join(out, "results.json")))
+    assert result["command"].startswith("python sweep.py --quick")
+    assert result["seeds"] == [0] and result["failed_runs"] == [] and result["git_commit"]
+    rows = {r["point"]: r for r in result["points"]}
+    assert set(rows) == {"tinylora-u13-tied-grpo", "tinylora-u13-tied-sft-own"}
+    for r in rows.values():
+        assert r["params"] == 13 and r["seeds"] == 1
+        summary = json.load(open(os.path.join(out, "runs", f"{r['point']}-s0", "summary.json")))
+        assert r["after_greedy_strict"] == summary["after"]["greedy"]["strict"]  # the table is the runs' numbers
+        assert 0 <= r["after_greedy_flexible"] <= 1
+    assert rows["tinylora-u13-tied-sft-own"]["algo"] == "sft-own"
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| base model (no training) |" in md and "| tinylora-u13-tied-grpo | grpo | 13 |" in md
+    assert md.startswith("Command: `python sweep.py --quick")
+
+
+def test_quick_sweep_plots_accuracy_vs_parameters(quick):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (optional); the table does not")
+    _, out = quick
+    with open(os.path.join(out, "accuracy_vs_params.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sweep_covers_what_the_paper_compares():
+    points = sweep.all_points()
+    assert len({p.name for p in points}) == len(points)
+    assert {p.algo for p in points if p.group == "size"} == {"grpo", "sft-own", "sft-human"}
+    assert {p.method for p in points} == {"tinylora", "lora-xs", "lora", "full"}
+    assert sorted(p.name for p in points if p.group == "tiling") == ["tinylora-u1-tie2-structured", "tinylora-u1-tie2-tiled"]
+    assert all(p.method in sweep.LRS for p in points)
+
+
+def test_an_existing_sweep_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "x").write_text("")
+    assert sweep.main(["--out", str(tmp_path)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
