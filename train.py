@@ -208,9 +208,10 @@ def local_rank():
 def start_processes(s):
     """Under torchrun, join the other processes: through NCCL between GPUs (process LOCAL_RANK has
     GPU LOCAL_RANK, see `build`), through gloo between CPU processes. Only rank 0 prints: the
-    others' stdout is discarded. Called once the model is loaded: the first meta-device model
-    (model.load_model) makes torch 2.13 import modules that keep a reference to a process group
-    existing then, and its gloo threads, left running after destroy_process_group, can abort the exit."""
+    others' stdout is discarded. Called after the model is loaded, on purpose: building the first
+    meta-device model (model.load_model) imports torch._dynamo, which in torch 2.13 keeps references
+    to a process group existing at that moment; destroy_process_group then leaves its gloo threads
+    running, and one of them can abort the interpreter's exit."""
     if world_size() == 1:
         return
     cuda = torch.device(s.device).type == "cuda"
