@@ -19,7 +19,8 @@ GRPO; the loss normalisers are GRPO's, DAPO's and Dr. GRPO's). docs/grpo.md deri
                        (adapter off), computed once per rollout batch without gradients
     grpo_backward      micro-batches of rows, each loss divided by the WHOLE batch's Z, so the
                        accumulated gradient equals one big batch's in every mode
-    grpo_update        the rollout batch cut into mini-batches x epochs: one optimizer step each
+    grpo_update        the rollout batch cut into mini-batches x epochs: one optimizer step each;
+                       data-parallel, Z and the gradient are summed over the processes first
 
 `adapter` is optional everywhere (None: a plain model, or full fine-tuning). Only three of its
 members are used: `adapter.merged()` (sampling), `adapter.disabled()` (the reference policy for
@@ -399,23 +400,35 @@ def clip_gradients(params, max_norm, loss):
     return norm
 
 
-def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, scheduler=None):
+def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, scheduler=None, sum_over_processes=None):
     """One GRPO step on a rollout batch and its rewards [P, G]: prepare it, then for each epoch
     and each of cfg.mini_batches consecutive slices of prompts: zero_grad, grpo_backward
     (normalised over that mini-batch), clip the gradient, optimizer.step(), scheduler.step().
-    With a single update the old policy is the current one, so old_logp is not recomputed."""
+    With a single update the old policy is the current one, so old_logp is not recomputed.
+
+    Data parallelism (train.py under torchrun): each process passes its share of every mini-batch
+    (whole groups) and `sum_over_processes`, a function returning its argument (a number, or a
+    tensor) summed over the processes. Z adds up over disjoint parts (tokens, sequences, sequences
+    x constant), so the mini-batch's Z is the sum of the processes' Z; the gradient and the loss
+    are summed before clipping, and every process takes the same optimizer step. The returned
+    loss and grad_norm are then the whole batch's, the other statistics this process's."""
     P, G = len(rollout.prompt_ids), rollout.num_samples
     prompts_per_step = math.ceil(P / cfg.mini_batches)
     on_policy = cfg.epochs == 1 and prompts_per_step >= P  # one update: old policy = current policy
     batch = prepare_batch(model, rollout, rewards, cfg, adapter, with_old_logp=not on_policy)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    total = sum_over_processes or (lambda x: x)  # a single process holds the whole batch
 
     parts, norms = [], []
     for _ in range(cfg.epochs):
         for first in range(0, P, prompts_per_step):
             optimizer.zero_grad(set_to_none=True)
-            rows = slice(first * G, min(first + prompts_per_step, P) * G)
-            parts.append(grpo_backward(model, batch_rows(batch, rows), cfg.micro_batch_size, cfg))
+            mini_batch = batch_rows(batch, slice(first * G, min(first + prompts_per_step, P) * G))
+            Z = total(loss_normalizer(mini_batch.lengths, cfg.agg, cfg.constant_norm))
+            parts.append(grpo_backward(model, mini_batch, cfg.micro_batch_size, cfg, Z))
+            for p in params:
+                p.grad = total(p.grad)
+            parts[-1].loss = total(parts[-1].loss)
             norms.append(clip_gradients(params, cfg.max_grad_norm, parts[-1].loss))
             optimizer.step()
             if scheduler is not None:

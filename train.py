@@ -21,6 +21,12 @@ the metadata to rebuild the rest), summary.json, and curves.png when matplotlib 
 `--resume` continues a run from its checkpoint with the settings in its args.json; on a CPU with a
 fixed seed, a killed and resumed run ends with the same adapter as an uninterrupted one.
 
+    torchrun --standalone --nproc_per_node=N train.py ...
+                                          the same run on N GPUs (data-parallel; docs/scaling.md):
+                                          each process samples and scores its share of every step's
+                                          prompts, the adapter's gradient is summed over the processes,
+                                          rank 0 alone prints and writes the run folder
+
 Bad input (a broken model folder, a malformed data line, impossible hyperparameters, an adapter
 for another model) stops with one line on stderr and exit code 2, before anything is written.
 """
@@ -36,6 +42,7 @@ from datetime import datetime
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import data
 import grpo
@@ -94,7 +101,7 @@ def parse_args(argv=None):
     g.add_argument("--system", help="system prompt (default: Qwen2.5's; the toy preset uses '')")
     g.add_argument("--instruction", help=f"appended to each question (default: {DEFAULTS['instruction']!r})")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight dtype (default: the checkpoint's)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun each process takes GPU LOCAL_RANK)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (0 = torch's default)")
 
     g = p.add_argument_group("adapter (tinylora.py, docs/method.md)")
@@ -114,7 +121,7 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, help="learning rate (AdamW)")
     g.add_argument("--steps", type=int, help="training steps (0 = --epochs passes over the training data)")
     g.add_argument("--epochs", type=int, help="passes over the training data when --steps is 0")
-    g.add_argument("--prompts-per-step", type=int, help="problems per step")
+    g.add_argument("--prompts-per-step", type=int, help="problems per step (all processes together)")
     g.add_argument("--samples", type=int, help="GRPO: completions per problem (G)")
     g.add_argument("--max-new-tokens", type=int, help="completion budget per sample")
     g.add_argument("--temperature", type=float, help="rollout sampling temperature")
@@ -128,7 +135,7 @@ def parse_args(argv=None):
                    "the paper's), flexible (last number) or boxed (MATH)")
     g.add_argument("--adv-scale", choices=grpo.ADVANTAGE_SCALES, help="divide advantages by the group std, or not (Dr. GRPO)")
     g.add_argument("--mini-batches", type=int, help="optimizer steps per rollout batch")
-    g.add_argument("--micro-batch", type=int, help="completions per forward/backward (memory)")
+    g.add_argument("--micro-batch", type=int, help="completions per forward/backward (memory; per process)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     g.add_argument("--warmup", type=float, help="fraction of steps with a linear learning-rate warm-up")
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping (0 = off)")
@@ -137,7 +144,7 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N problems (0 = all)")
-    g.add_argument("--eval-batch", type=int, help="prompts per evaluation batch")
+    g.add_argument("--eval-batch", type=int, help="prompts per evaluation batch (per process)")
     g.add_argument("--eval-temperature", type=float, help="temperature of the sampled accuracy (greedy is always reported)")
 
     args = p.parse_args(argv)
@@ -179,6 +186,82 @@ def check_settings(s):
 
 
 # --------------------------------------------------------------------------------------------
+# Data parallelism: `torchrun --nproc_per_node=N train.py ...` starts N copies of this script and
+# tells each its place (environment variables WORLD_SIZE, RANK, LOCAL_RANK). Every copy holds the
+# whole frozen model; the adapter's gradient (a few numbers) is summed over the copies, so all take
+# the same optimizer step. Without torchrun: one process, and every function here is a no-op.
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank():
+    """The process's place on its own machine: which GPU it takes."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def start_processes(s):
+    """Under torchrun, join the other processes: through NCCL between GPUs (process LOCAL_RANK has
+    GPU LOCAL_RANK, see `build`), through gloo between CPU processes. Only rank 0 prints: the
+    others' stdout is discarded. Called after the model is loaded, on purpose: building the first
+    meta-device model (model.load_model) imports torch._dynamo, which in torch 2.13 keeps references
+    to a process group existing at that moment; destroy_process_group then leaves its gloo threads
+    running, and one of them can abort the interpreter's exit."""
+    if world_size() == 1:
+        return
+    cuda = torch.device(s.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(s.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def sum_over_processes(x):
+    """x summed over the processes (x itself in a single process): a tensor in place, a number
+    or a list of numbers as float(s)."""
+    if world_size() == 1:
+        return x
+    if torch.is_tensor(x):
+        dist.all_reduce(x)
+        return x
+    total = torch.tensor(x, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def my_share(items, parts):
+    """This process's share of a step's batch cut into `parts` equal consecutive chunks (the
+    mini-batches): the rank-th 1/world of every chunk. Chunk m of all processes together is then
+    chunk m of the whole batch, so every optimizer step sees the single process's mini-batch.
+    8 prompts, 2 mini-batches, 2 processes: rank 0 takes prompts 0 1 | 4 5, rank 1 takes 2 3 | 6 7."""
+    if world_size() == 1:
+        return items
+    chunk = len(items) // parts
+    share = chunk // world_size()
+    first = rank() * share
+    return [x for c in range(0, len(items), chunk) for x in items[c + first:c + first + share]]
+
+
+def first_on_each_machine(fn):
+    """fn() in the first process of each machine, then in the others: the first computes the SVD
+    factors and writes them to the on-disk cache (tinylora.svd_factors), the others read them."""
+    if world_size() == 1:
+        return fn()
+    if local_rank() > 0:
+        dist.barrier()
+    result = fn()
+    if local_rank() == 0:
+        dist.barrier()
+    return result
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -190,16 +273,20 @@ def sampling_seeds(seed, stream, first, count):
 
 
 def evaluate(net, tok, problems, s, adapter=None, temperature=0.0, seed=0):
-    """Accuracy of the model (adapter folded in) on problems: one completion each -> dict."""
-    prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in problems]
-    seeds = sampling_seeds(seed, 0, 0, len(problems))
+    """Accuracy of the model (adapter folded in) on problems: one completion each -> dict. Under
+    torchrun each process answers a consecutive share of the problems and the counts are summed."""
+    first, end = len(problems) * rank() // world_size(), len(problems) * (rank() + 1) // world_size()
+    mine = problems[first:end]
+    prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in mine]
+    seeds = sampling_seeds(seed, 0, first, len(mine))
     strict = flexible = 0
     for i in range(0, len(prompts), s.eval_batch):
         out = grpo.rollout(net, tok, prompts[i:i + s.eval_batch], 1, s.max_new_tokens, temperature, 1.0,
                            adapter=adapter, seeds=seeds[i:i + s.eval_batch])
-        scores = data.score(out.texts, [p.target for p in problems[i:i + s.eval_batch]])
+        scores = data.score(out.texts, [p.target for p in mine[i:i + s.eval_batch]])
         strict += sum(scores.correct)
         flexible += sum(scores.flexible)
+    strict, flexible = sum_over_processes([strict, flexible])
     return {"strict": strict / len(problems), "flexible": flexible / len(problems)}
 
 
@@ -292,9 +379,16 @@ def total_steps(s, n_train):
 
 def build(s):
     """Load the model, tokenizer and data: most of what can fail on bad input, before anything is written."""
+    parts = s.mini_batches if s.algo == "grpo" else 1
+    if world_size() > 1 and not s.eval_only and s.prompts_per_step % (world_size() * parts):
+        raise UsageError(f"--prompts-per-step {s.prompts_per_step} must be a multiple of {world_size() * parts} "
+                         f"({world_size()} processes x {parts} mini-batches): each process takes the same number of "
+                         "prompts, with all their samples, from every mini-batch")
     if s.threads:
         torch.set_num_threads(s.threads)
     s.device = str(torch.device(s.device) if s.device else M.default_device())
+    if world_size() > 1 and s.device.startswith("cuda"):
+        s.device = f"cuda:{local_rank()}"  # torchrun: one GPU per process (on --resume too, whatever args.json says)
     net = M.load_model(s.model, s.dtype, s.device)
     tok = M.load_tokenizer(s.model)
     train = data.load_problems(s.train_data, sft_field=s.sft_field if s.algo == "sft" else None) if s.train_data else None
@@ -311,7 +405,7 @@ def make_adapter(net, s):
     n_tie = len(tinylora.find_targets(net)) if str(s.n_tie) == "all" else int(s.n_tie)
     cfg = tinylora.TinyLoRAConfig(method=s.method, r=s.r, u=s.u, n_tie=n_tie, tiling=s.tiling, seed=s.proj_seed,
                                   scale=s.scale, svd=s.svd)
-    adapter, _ = tinylora.attach(net, cfg, quiet=True)
+    adapter, _ = first_on_each_machine(lambda: tinylora.attach(net, cfg, quiet=True))
     return adapter
 
 
@@ -322,9 +416,13 @@ def lr_at(step, total, s):
 
 
 def grpo_step(net, tok, adapter, optimizer, batch, s, step):
+    """Rollout, rewards and update on this process's share of the step's batch -> the step's metrics,
+    summed over the processes: the numbers a single process would log."""
+    seeds = sampling_seeds(s.seed, step + 1, 0, len(batch))  # a prompt's samples depend on its place in the batch
+    batch, seeds = my_share(batch, s.mini_batches), my_share(seeds, s.mini_batches)
     prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in batch]
     out = grpo.rollout(net, tok, prompts, s.samples, s.max_new_tokens, s.temperature, s.top_p, adapter=adapter,
-                       seeds=sampling_seeds(s.seed, step + 1, 0, len(batch)))
+                       seeds=seeds)
     targets = [p.target for p in batch for _ in range(s.samples)]
     scores = data.score(out.texts, targets)  # accuracy is always reported strict and flexible
     rewards = scores.rewards if s.reward == "strict" else data.score(out.texts, targets, s.reward).rewards
@@ -333,15 +431,22 @@ def grpo_step(net, tok, adapter, optimizer, batch, s, step):
                           clip_low=s.clip_low, clip_high=s.clip_high, tis_cap=s.tis_cap or None, kl_beta=s.kl_beta,
                           mini_batches=s.mini_batches, micro_batch_size=s.micro_batch,
                           max_grad_norm=s.max_grad_norm or None)
-    stats = grpo.grpo_update(net, out, rewards, optimizer, cfg, adapter)
-    return {"reward": stats.reward, "acc_strict": sum(scores.correct) / len(targets),
-            "acc_flexible": sum(scores.flexible) / len(targets), "length": stats.length,
-            "tokens": int(out.lengths.sum()), "clip_frac": stats.clip_frac, "kl": stats.kl,
-            "zero_adv_groups": stats.zero_adv_groups, "grad_norm": stats.grad_norm, "loss": stats.loss}
+    stats = grpo.grpo_update(net, out, rewards, optimizer, cfg, adapter, sum_over_processes=sum_over_processes)
+    tokens = float(out.lengths.sum())  # clip_frac and kl are means over this process's tokens
+    reward, strict, flexible, tokens, clipped, kl, zero_adv = sum_over_processes(
+        [sum(rewards), sum(scores.correct), sum(scores.flexible), tokens, stats.clip_frac * tokens, stats.kl * tokens,
+         stats.zero_adv_groups * len(batch)])
+    n = s.prompts_per_step * s.samples
+    return {"reward": reward / n, "acc_strict": strict / n, "acc_flexible": flexible / n, "length": tokens / n,
+            "tokens": int(tokens), "clip_frac": clipped / tokens, "kl": kl / tokens,
+            "zero_adv_groups": zero_adv / s.prompts_per_step, "grad_norm": stats.grad_norm, "loss": stats.loss}
 
 
 def sft_step(net, tok, adapter, optimizer, batch, s):
-    """Next-token loss on the demonstrations (prompt tokens excluded), token-mean, one optimizer step."""
+    """Next-token loss on the demonstrations (prompt tokens excluded), token-mean, one optimizer step.
+    Under torchrun each process takes its share of the batch; the token count, the gradient and the
+    loss are summed over the processes."""
+    batch = my_share(batch, 1)
     prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in batch]
     targets = [tok.encode(p.demonstration) + [tok.end_ids[0]] for p in batch]
     lengths = torch.tensor([len(t) for t in targets])
@@ -350,7 +455,7 @@ def sft_step(net, tok, adapter, optimizer, batch, s):
         completions[i, :len(t)] = torch.tensor(t)
     completions, lengths = completions.to(s.device), lengths.to(s.device)
     optimizer.zero_grad(set_to_none=True)
-    total = float(lengths.sum())
+    total = sum_over_processes(float(lengths.sum()))  # tokens in the whole batch
     loss_sum = 0.0
     for i in range(0, len(batch), s.micro_batch):
         rows = slice(i, i + s.micro_batch)
@@ -358,6 +463,9 @@ def sft_step(net, tok, adapter, optimizer, batch, s):
         loss = -logp.sum() / total
         loss.backward()
         loss_sum += loss.item()
+    for p in adapter.parameters():
+        p.grad = sum_over_processes(p.grad)
+    loss_sum = sum_over_processes(loss_sum)
     grad_norm = grpo.clip_gradients(list(adapter.parameters()), s.max_grad_norm or None, loss_sum)
     optimizer.step()
     return {"loss": loss_sum, "tokens": int(total), "grad_norm": grad_norm}
@@ -410,31 +518,38 @@ def plot_curves(run_dir, metrics):
 
 def train(s, net, tok, train_set, test_set):
     adapter = make_adapter(net, s)
+    processes = f" x {world_size()} processes" if world_size() > 1 else ""
     print(f"model {s.model} | {s.method} r={s.r} u={s.u} n_tie={s.n_tie} {s.tiling} | "
-          f"trainable parameters: {adapter.num_trainable:,} | device {s.device}", flush=True)
+          f"trainable parameters: {adapter.num_trainable:,} | device {s.device}{processes}", flush=True)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     total = total_steps(s, len(train_set))
-    os.makedirs(s.out, exist_ok=True)
+    writes = rank() == 0  # under torchrun rank 0 alone writes the run folder
     ckpt = os.path.join(s.out, "checkpoint.safetensors")
     metrics_file = os.path.join(s.out, "metrics.jsonl")
 
     if s.resume:
         if not os.path.isfile(ckpt):
             raise UsageError(f"{ckpt}: no checkpoint to resume from")
-        start = load_checkpoint(ckpt, adapter, optimizer)
+        start = load_checkpoint(ckpt, adapter, optimizer)  # rank-independent: any process count resumes it
         with open(metrics_file) as f:  # drop lines of steps after the checkpoint (lost with the kill)
             metrics = [m for m in map(json.loads, f) if m["step"] <= start]
         before = json.load(open(os.path.join(s.out, "before.json")))
         print(f"resumed {s.out} at step {start}/{total}", flush=True)
+        if world_size() > 1:
+            dist.barrier()  # every process has read metrics.jsonl before rank 0 rewrites it
     else:
-        write_json(os.path.join(s.out, "args.json"), {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite")})
+        if writes:
+            os.makedirs(s.out, exist_ok=True)
+            write_json(os.path.join(s.out, "args.json"), {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite")})
         print(f"evaluating the base model on {len(test_set)} held-out problems ...", flush=True)
         before = evaluate_both(net, tok, test_set, s, adapter)
-        write_json(os.path.join(s.out, "before.json"), before)
+        if writes:
+            write_json(os.path.join(s.out, "before.json"), before)
         print(accuracy_line("before", before, s.eval_temperature), flush=True)
         start, metrics = 0, []
-    with open(metrics_file, "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in metrics)
+    if writes:
+        with open(metrics_file, "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
 
     interrupted = False
 
@@ -453,52 +568,64 @@ def train(s, net, tok, train_set, test_set):
                     m = grpo_step(net, tok, adapter, optimizer, batch, s, step)
                 else:
                     m = sft_step(net, tok, adapter, optimizer, batch, s)
-            except grpo.NonFiniteError as e:
+            except grpo.NonFiniteError as e:  # the loss and gradient are summed: every process stops here
                 path = os.path.join(s.out, "adapter.safetensors")
-                tinylora.save_adapter(adapter, path, tinylora.DTYPES[s.adapter_dtype])
-                print(f"error: {e} at step {step + 1}; stopped. The last good adapter is {path}; "
-                      "lower --lr or check the data", file=sys.stderr)
+                if writes:
+                    tinylora.save_adapter(adapter, path, tinylora.DTYPES[s.adapter_dtype])
+                    print(f"error: {e} at step {step + 1}; stopped. The last good adapter is {path}; "
+                          "lower --lr or check the data", file=sys.stderr)
                 return 1
             m = {"step": step + 1, **m, "lr": optimizer.param_groups[0]["lr"], "time": time.time() - t0}
             metrics.append(m)
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(m) + "\n")
+            if writes:
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(m) + "\n")
             tokens_seen += m["tokens"]
             print(progress_line(step + 1 - start, total - start, m, time.time() - t0, tokens_seen / (time.time() - t0))
                   .replace(f"step {step + 1 - start}/{total - start}", f"step {step + 1}/{total}"), flush=True)
-            if (s.save_every and (step + 1) % s.save_every == 0) or interrupted:
+            stop = sum_over_processes(int(interrupted)) > 0  # torchrun: all stop at the same step
+            if writes and ((s.save_every and (step + 1) % s.save_every == 0) or stop):
                 save_checkpoint(ckpt, adapter, optimizer, step + 1)
-            if interrupted:
+            if stop:
                 print(f"interrupted: checkpoint saved at step {step + 1}; continue with "
                       f"python train.py --resume --out {s.out}", flush=True)
                 return 130
     finally:
         signal.signal(signal.SIGINT, previous)
-    save_checkpoint(ckpt, adapter, optimizer, total)
 
     adapter_path = os.path.join(s.out, "adapter.safetensors")
-    tinylora.save_adapter(adapter, adapter_path, tinylora.DTYPES[s.adapter_dtype])
-    file_bytes, param_bytes = tinylora.adapter_size(adapter_path)
+    if writes:
+        save_checkpoint(ckpt, adapter, optimizer, total)
+        tinylora.save_adapter(adapter, adapter_path, tinylora.DTYPES[s.adapter_dtype])
     print(f"evaluating the trained adapter on {len(test_set)} held-out problems ...", flush=True)
     after = evaluate_both(net, tok, test_set, s, adapter)
+    if writes:
+        report(s, adapter, adapter_path, total, before, after, metrics)
+    return 0
+
+
+def report(s, adapter, adapter_path, total, before, after, metrics):
+    """Print the before/after accuracies; write summary.json and curves.png."""
+    file_bytes, param_bytes = tinylora.adapter_size(adapter_path)
     print(accuracy_line("before", before, s.eval_temperature))
     print(accuracy_line("after", after, s.eval_temperature))
     gain = after["greedy"]["strict"] - before["greedy"]["strict"]
     print(f"greedy strict accuracy {before['greedy']['strict']:.3f} -> {after['greedy']['strict']:.3f} "
           f"({100 * gain:+.1f} points) with {adapter.num_trainable:,} trained parameters")
     print(f"adapter: {adapter_path} ({file_bytes:,} bytes on disk, {param_bytes:,} bytes of parameters)")
-    summary = {"command": "python " + " ".join(sys.argv), "settings": {k: v for k, v in vars(s).items()},
+    launcher = "python" if world_size() == 1 else f"torchrun --nproc_per_node={world_size()}"
+    summary = {"command": f"{launcher} " + " ".join(sys.argv), "processes": world_size(),
+               "settings": {k: v for k, v in vars(s).items()},
                "trainable_parameters": adapter.num_trainable, "steps": total, "before": before, "after": after,
                "adapter": adapter_path, "adapter_file_bytes": file_bytes, "adapter_param_bytes": param_bytes,
                "train_seconds": sum(m["time"] for m in metrics[-1:])}
     write_json(os.path.join(s.out, "summary.json"), summary)
     plot = plot_curves(s.out, metrics)
     print(f"run folder: {s.out} (metrics.jsonl, summary.json{', curves.png' if plot else ''})")
-    return 0
 
 
 def eval_only(s, net, tok, test_set):
-    adapter = tinylora.load_adapter(net, s.adapter, quiet=True) if s.adapter else None
+    adapter = first_on_each_machine(lambda: tinylora.load_adapter(net, s.adapter, quiet=True)) if s.adapter else None
     acc = evaluate_both(net, tok, test_set, s, adapter)
     print(accuracy_line("adapter" if adapter else "base", acc, s.eval_temperature))
     print(json.dumps({"model": s.model, "adapter": s.adapter, "eval_data": s.eval_data, "problems": len(test_set), **acc}))
@@ -509,15 +636,17 @@ def main(argv=None):
     s = parse_args(argv)
     try:
         check_settings(s)
-        if s.eval_only:
-            net, tok, _, test_set = build(s)
-            return eval_only(s, net, tok, test_set)
-        s = prepare_run_folder(s)
+        s = s if s.eval_only else prepare_run_folder(s)
         net, tok, train_set, test_set = build(s)
-        return train(s, net, tok, train_set, test_set)
+        start_processes(s)  # torchrun: join the other processes
+        return eval_only(s, net, tok, test_set) if s.eval_only else train(s, net, tok, train_set, test_set)
     except (UsageError, M.CheckpointError, data.DataError, tinylora.AdapterError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank() == 0:  # bad input is the same for every process: one line
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
