@@ -237,7 +237,7 @@ class KVCache:
         for kv in (self.k, self.v):
             for layer, old in enumerate(kv):
                 new = old.new_zeros(old.shape[0] * n, old.shape[1], max_len, old.shape[3])
-                new[:, :, :self.length] = old[:, :, :self.length].repeat_interleave(n, dim=0)
+                new.view(old.shape[0], n, *new.shape[1:])[:, :, :, :self.length] = old[:, None, :, :self.length]
                 kv[layer] = new  # the old layer is freed here, before the next one is copied
         self._set_rows(self.start.repeat_interleave(n), max_len)
 
@@ -481,13 +481,10 @@ def _sample(logits, temperature, top_p, uniform):
 
 
 def sampling_noise(seeds, num_samples, steps, device="cpu"):
-    """Uniform noise [len(seeds) * num_samples, steps] for `generate`, samples of a prompt adjacent.
-    With seeds (one int per prompt) each prompt's rows come from its own seeded stream, so a
-    completion depends only on its prompt's seed: not on batch size, batch order or which process
-    generates it (the basis of identical single- and multi-process runs). Without seeds, the noise
-    is drawn by `generate` from its generator (or torch's global RNG)."""
-    if seeds is None:
-        return None
+    """Uniform noise [len(seeds) * num_samples, steps] for `generate`, samples of a prompt adjacent:
+    each prompt's rows come from its own stream, seeded by its int in `seeds`, so a completion
+    depends only on its prompt's seed: not on batch size, batch order or which process generates
+    it (the basis of identical single- and multi-process runs)."""
     rows = [torch.rand(num_samples, steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.cat(rows).to(device) if rows else torch.zeros(0, steps, device=device)
 
@@ -520,8 +517,11 @@ def generate(model, prompts, max_new_tokens, end_ids, pad_id, temperature=1.0, t
     logprobs = torch.zeros(N, max_new_tokens, device=device)
     lengths = torch.zeros(N, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    noise = sampling_noise(seeds, num_samples, max_new_tokens, device=device)
-    if noise is None:
+    if temperature == 0:
+        noise = torch.zeros(N, max_new_tokens, device=device)  # greedy: no randomness drawn
+    elif seeds is not None:
+        noise = sampling_noise(seeds, num_samples, max_new_tokens, device=device)
+    else:
         noise = torch.rand(N, max_new_tokens, generator=generator, device=device)
     for t in range(max_new_tokens):
         token, logp = _sample(logits, temperature, top_p, noise[:, t])

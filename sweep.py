@@ -21,9 +21,12 @@ only the method, its size, the algorithm and the seed. The points (docs/results.
 Each run reports greedy accuracy, strict (`#### N`) and flexible (last number), and sampled
 (T = 1) accuracy: strict minus flexible is what format alone costs.
 
-Outputs (in --out): runs/<point>-s<seed>/ and runs/<point>-s<seed>.log (each run's folder and output), results.json (every run,
-the per-point means, the exact command, seeds, git commit, wall time), results.md (the table) and
-accuracy_vs_params.png (when matplotlib is installed; the table does not need it).
+Outputs (in --out): runs/<point>-s<seed>/ and runs/<point>-s<seed>.log (each run's folder, with
+its summary.json, and its output); results.json (per-point means and standard deviations over the
+seeds, the exact command, seeds, git commit, wall time, failed runs); results.md (the table) and
+accuracy_vs_params.png (greedy and sampled accuracy vs trained parameters, when matplotlib is
+installed; the table does not need it; `--replot DIR` redraws it from DIR/results.json).
+Seeds change the data order and the sampling; the random projections P stay those of seed 0.
 """
 
 import argparse
@@ -69,7 +72,7 @@ class Point:
     method: str
     flags: list = field(default_factory=list)  # train.py flags of the adapter's size and shape
     algo: str = "grpo"  # grpo | sft-own | sft-human
-    size: str = ""  # the SIZES entry whose learning rate it uses
+    lr_from: str = ""  # the SIZES entry whose probed learning rate it uses
 
     def argv(self, lr):
         algo = {"grpo": ["--algo", "grpo"], "sft-own": ["--algo", "sft", "--sft-field", "solution_own_style"],
@@ -77,7 +80,9 @@ class Point:
         return ["--method", self.method, *self.flags, *algo, "--lr", str(lr)]
 
 
-UNTIED = ["--u", "1", "--n-tie", "1"]  # undo the toy preset's u = 13 tied vector for the other methods
+# The toy preset ties all 14 modules into one u = 13 vector; LoRA and full fine-tuning have no v to
+# tie, and a tied LoRA-XS would share one R: the other methods run untied, u = 1.
+UNTIED = ["--u", "1", "--n-tie", "1"]
 SIZES = [  # (name, method, flags): the x-axis of the plot
     ("tinylora-u1-tied", "tinylora", ["--u", "1", "--n-tie", "all"]),
     ("tinylora-u13-tied", "tinylora", ["--u", "13", "--n-tie", "all"]),
@@ -92,12 +97,12 @@ SIZES = [  # (name, method, flags): the x-axis of the plot
 
 
 def all_points():
-    points = [Point(f"{name}-{algo}", "size", method, flags, algo, name)
+    points = [Point(f"{name}-{algo}", "size", method, flags, algo, lr_from=name)
               for algo in ("grpo", "sft-own", "sft-human") for name, method, flags in SIZES]
     points += [Point(f"tinylora-u1-tie2-{tiling}", "tiling", "tinylora", ["--u", "1", "--n-tie", "2", "--tiling", tiling],
-                     size="tinylora-u1") for tiling in ("tiled", "structured")]  # 7 parameters: the rate of 14
+                     lr_from="tinylora-u1") for tiling in ("tiled", "structured")]  # 7 parameters: the rate of 14
     points += [Point(f"tinylora-u13-tied-r{r}", "rank", "tinylora", ["--u", "13", "--n-tie", "all", "--r", str(r)],
-                     size="tinylora-u13-tied") for r in (1, 4)]
+                     lr_from="tinylora-u13-tied") for r in (1, 4)]
     return points
 
 
@@ -109,7 +114,7 @@ def run_one(argv, log_path):
 
     import train
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # also when `extra` flags leave the preset's one thread
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         return train.main(argv)
 
@@ -126,7 +131,10 @@ def run_all(jobs, workers):
             futures[pool.submit(run_one, argv, run_dir + ".log")] = (key, run_dir)
         for done, future in enumerate(as_completed(futures), 1):
             key, run_dir = futures[future]
-            codes[key] = future.result()
+            try:
+                codes[key] = future.result()
+            except Exception as e:  # a crashed run must not lose the others' results
+                codes[key] = f"crashed: {e!r}"
             elapsed = time.time() - t0
             summary = read_summary(run_dir)
             result = (f"greedy {summary['before']['greedy']['strict']:.3f} -> {summary['after']['greedy']['strict']:.3f}"
@@ -180,7 +188,8 @@ def table(rows):
 
 
 def plot(rows, path):
-    """Accuracy vs trained parameters (log x), one line per algorithm; None without matplotlib."""
+    """Greedy (left) and sampled (right) accuracy vs trained parameters, log x, one line per
+    algorithm, the base model dashed; None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -189,24 +198,27 @@ def plot(rows, path):
         return None
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
     labels = {"grpo": "GRPO (RL)", "sft-own": "SFT, own-style demonstrations",
               "sft-human": "SFT, human-style demonstrations"}
-    for algo, label in labels.items():
-        line = sorted((r for r in rows if r["group"] == "size" and r["algo"] == algo), key=lambda r: r["params"])
-        if line:
-            ax.errorbar([r["params"] for r in line], [r["after_greedy_strict"] for r in line],
-                        yerr=[r["after_greedy_strict_std"] for r in line], marker="o", capsize=3, label=label)
-    if rows:
-        ax.axhline(rows[0]["before_greedy_strict"], color="gray", linestyle="--", label="base model")
-    ax.set_xscale("log")
-    ax.set_xlabel("trained parameters")
-    ax.set_ylabel("held-out accuracy (greedy, strict)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("toy task: accuracy vs trained parameters", fontsize=10)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    for ax, decoding in zip(axes, ("greedy", "sampled")):
+        key = f"after_{decoding}_strict"
+        for algo, label in labels.items():
+            line = sorted((r for r in rows if r["group"] == "size" and r["algo"] == algo), key=lambda r: r["params"])
+            if line:
+                ax.errorbar([r["params"] for r in line], [r[key] for r in line], yerr=[r[key + "_std"] for r in line],
+                            marker="o", capsize=3, label=label)
+        ax.axhline(statistics.mean(r[f"before_{decoding}_strict"] for r in rows), color="gray", linestyle="--",
+                   label="base model")
+        ax.set_xscale("log")
+        ax.set_xlabel("trained parameters")
+        ax.set_title(f"{decoding} decoding" + (" (T = 1)" if decoding == "sampled" else ""), fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy (strict), mean of the seeds")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle("toy task: accuracy vs trained parameters", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -225,11 +237,13 @@ def git_commit():
 def probe_lr(args):
     """GRPO on seed 0 for each size at each rate in PROBE_LRS; prints the greedy accuracy after
     training on the first 200 training problems (the held-out set plays no part in the choice)."""
-    jobs = [((name, lr), ["--out", os.path.join(args.out, "probe", f"{name}-lr{lr:g}"), "--seed", "0",
-                          "--method", method, *flags, "--lr", str(lr), "--eval-data", TRAIN_DATA,
-                          "--eval-limit", "200", *args.extra],
-             os.path.join(args.out, "probe", f"{name}-lr{lr:g}"))
-            for name, method, flags in SIZES for lr in PROBE_LRS]
+    jobs = []
+    for name, method, flags in SIZES:
+        for lr in PROBE_LRS:
+            run_dir = os.path.join(args.out, "probe", f"{name}-lr{lr:g}")
+            jobs.append(((name, lr), ["--out", run_dir, "--overwrite", "--seed", "0", "--method", method, *flags,
+                                      "--lr", str(lr), "--eval-data", TRAIN_DATA, "--eval-limit", "200", *args.extra],
+                         run_dir))
     run_all([job for job in jobs if read_summary(job[2]) is None], args.workers)  # finished runs are kept
     print(f"{'size':<20}" + "".join(f"lr {lr:<8g}" for lr in PROBE_LRS) + "chosen")
     for name, _, _ in SIZES:
@@ -237,7 +251,8 @@ def probe_lr(args):
         for lr in PROBE_LRS:
             summary = read_summary(os.path.join(args.out, "probe", f"{name}-lr{lr:g}"))
             accs.append(summary["after"]["greedy"]["strict"] if summary else float("nan"))
-        best = max(range(len(accs)), key=lambda i: (accs[i], -i))  # ties: the smaller rate
+        best = max(range(len(accs)), key=lambda i: (accs[i] if accs[i] == accs[i] else -1.0, -i))  # NaN: a failed
+        # run never wins; ties: the smaller rate
         print(f"{name:<20}" + "".join(f"{a:<11.3f}" for a in accs) + f"{PROBE_LRS[best]:g}")
     return 0
 
@@ -249,8 +264,14 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--quick", action="store_true", help="plumbing check: 2 points, 1 seed, 2 steps, 16 problems")
     p.add_argument("--probe-lr", action="store_true", help="run the learning-rate probe instead of the sweep")
+    p.add_argument("--replot", metavar="DIR", help="only redraw DIR/accuracy_vs_params.png from DIR/results.json")
     p.add_argument("extra", nargs="*", help="more train.py flags for every run, after --")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(os.path.join(args.replot, "results.json")) as f:
+            png = plot(json.load(f)["points"], os.path.join(args.replot, "accuracy_vs_params.png"))
+        print(png or "no plot: matplotlib is not installed")
+        return 0 if png else 1
     if args.seeds < 1 or args.workers < 1:
         print(f"error: --seeds and --workers must be >= 1, got {args.seeds} and {args.workers}", file=sys.stderr)
         return 2
@@ -265,10 +286,12 @@ def main(argv=None):
     if args.quick:
         points, seeds = [points[1], points[len(SIZES) + 1]], [0]  # TinyLoRA 13 by GRPO and by own-style SFT
         args.extra = ["--steps", "2", "--prompts-per-step", "4", "--eval-limit", "16", *args.extra]
-    jobs = [((p.name, seed), ["--out", os.path.join(args.out, "runs", f"{p.name}-s{seed}"), "--seed", str(seed),
-                              *p.argv(LRS[p.size]), *args.extra],
-             os.path.join(args.out, "runs", f"{p.name}-s{seed}"))
-            for seed in seeds for p in points]
+    jobs = []
+    for seed in seeds:
+        for p in points:
+            run_dir = os.path.join(args.out, "runs", f"{p.name}-s{seed}")
+            jobs.append(((p.name, seed), ["--out", run_dir, "--seed", str(seed), *p.argv(LRS[p.lr_from]), *args.extra],
+                         run_dir))
     print(f"sweep: {len(points)} points x {len(seeds)} seeds = {len(jobs)} train.py runs, {args.workers} at a time, "
           f"into {args.out}", flush=True)
     t0 = time.time()

@@ -205,7 +205,7 @@ def local_rank():
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def start_processes(s):
+def join_processes(s):
     """Under torchrun, join the other processes: through NCCL between GPUs (process LOCAL_RANK has
     GPU LOCAL_RANK, see `build`), through gloo between CPU processes. Only rank 0 prints: the
     others' stdout is discarded. Called after the model is loaded, on purpose: building the first
@@ -235,14 +235,15 @@ def sum_over_processes(x):
     return total.tolist()
 
 
-def my_share(items, parts):
-    """This process's share of a step's batch cut into `parts` equal consecutive chunks (the
-    mini-batches): the rank-th 1/world of every chunk. Chunk m of all processes together is then
+def my_share(items, mini_batches):
+    """This process's share of a step's batch cut into `mini_batches` equal consecutive chunks:
+    the rank-th 1/world of every chunk. Chunk m of all processes together is then
     chunk m of the whole batch, so every optimizer step sees the single process's mini-batch.
     8 prompts, 2 mini-batches, 2 processes: rank 0 takes prompts 0 1 | 4 5, rank 1 takes 2 3 | 6 7."""
     if world_size() == 1:
         return items
-    chunk = len(items) // parts
+    assert len(items) % (mini_batches * world_size()) == 0, "build() checks --prompts-per-step"
+    chunk = len(items) // mini_batches
     share = chunk // world_size()
     first = rank() * share
     return [x for c in range(0, len(items), chunk) for x in items[c + first:c + first + share]]
@@ -471,8 +472,8 @@ def sft_step(net, tok, adapter, optimizer, batch, s):
     return {"loss": loss_sum, "tokens": int(total), "grad_norm": grad_norm}
 
 
-def progress_line(step, total, m, elapsed, tokens_per_s):
-    eta = elapsed / step * (total - step)
+def progress_line(step, total, m, elapsed, tokens_per_s, steps_this_session):
+    eta = elapsed / steps_this_session * (total - step)  # a resumed run times only its own steps
     parts = [f"step {step}/{total}"]
     if "reward" in m:
         parts += [f"reward {m['reward']:.3f}", f"acc strict {m['acc_strict']:.3f} flexible {m['acc_flexible']:.3f}",
@@ -533,14 +534,16 @@ def train(s, net, tok, train_set, test_set):
         start = load_checkpoint(ckpt, adapter, optimizer)  # rank-independent: any process count resumes it
         with open(metrics_file) as f:  # drop lines of steps after the checkpoint (lost with the kill)
             metrics = [m for m in map(json.loads, f) if m["step"] <= start]
-        before = json.load(open(os.path.join(s.out, "before.json")))
+        with open(os.path.join(s.out, "before.json")) as f:
+            before = json.load(f)
         print(f"resumed {s.out} at step {start}/{total}", flush=True)
         if world_size() > 1:
             dist.barrier()  # every process has read metrics.jsonl before rank 0 rewrites it
     else:
         if writes:
             os.makedirs(s.out, exist_ok=True)
-            write_json(os.path.join(s.out, "args.json"), {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite")})
+            write_json(os.path.join(s.out, "args.json"),
+                       {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite", "argv")})
         print(f"evaluating the base model on {len(test_set)} held-out problems ...", flush=True)
         before = evaluate_both(net, tok, test_set, s, adapter)
         if writes:
@@ -581,8 +584,8 @@ def train(s, net, tok, train_set, test_set):
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(m) + "\n")
             tokens_seen += m["tokens"]
-            print(progress_line(step + 1 - start, total - start, m, time.time() - t0, tokens_seen / (time.time() - t0))
-                  .replace(f"step {step + 1 - start}/{total - start}", f"step {step + 1}/{total}"), flush=True)
+            elapsed = time.time() - t0
+            print(progress_line(step + 1, total, m, elapsed, tokens_seen / elapsed, step + 1 - start), flush=True)
             stop = sum_over_processes(int(interrupted)) > 0  # torchrun: all stop at the same step
             if writes and ((s.save_every and (step + 1) % s.save_every == 0) or stop):
                 save_checkpoint(ckpt, adapter, optimizer, step + 1)
@@ -604,6 +607,13 @@ def train(s, net, tok, train_set, test_set):
     return 0
 
 
+def train_seconds(metrics):
+    """Training time over every session of a run: each session's clock starts at 0 (m["time"]), so
+    add the last time of each session (the entry before the clock goes back, and the last one)."""
+    ends = [m for m, later in zip(metrics, metrics[1:] + [None]) if later is None or later["time"] < m["time"]]
+    return sum(m["time"] for m in ends)
+
+
 def report(s, adapter, adapter_path, total, before, after, metrics):
     """Print the before/after accuracies; write summary.json and curves.png."""
     file_bytes, param_bytes = tinylora.adapter_size(adapter_path)
@@ -614,11 +624,11 @@ def report(s, adapter, adapter_path, total, before, after, metrics):
           f"({100 * gain:+.1f} points) with {adapter.num_trainable:,} trained parameters")
     print(f"adapter: {adapter_path} ({file_bytes:,} bytes on disk, {param_bytes:,} bytes of parameters)")
     launcher = "python" if world_size() == 1 else f"torchrun --nproc_per_node={world_size()}"
-    summary = {"command": f"{launcher} " + " ".join(sys.argv), "processes": world_size(),
+    summary = {"command": f"{launcher} train.py " + " ".join(s.argv), "processes": world_size(),
                "settings": {k: v for k, v in vars(s).items()},
                "trainable_parameters": adapter.num_trainable, "steps": total, "before": before, "after": after,
                "adapter": adapter_path, "adapter_file_bytes": file_bytes, "adapter_param_bytes": param_bytes,
-               "train_seconds": sum(m["time"] for m in metrics[-1:])}
+               "train_seconds": train_seconds(metrics)}
     write_json(os.path.join(s.out, "summary.json"), summary)
     plot = plot_curves(s.out, metrics)
     print(f"run folder: {s.out} (metrics.jsonl, summary.json{', curves.png' if plot else ''})")
@@ -637,8 +647,9 @@ def main(argv=None):
     try:
         check_settings(s)
         s = s if s.eval_only else prepare_run_folder(s)
+        s.argv = sys.argv[1:] if argv is None else list(argv)  # the command, for summary.json
         net, tok, train_set, test_set = build(s)
-        start_processes(s)  # torchrun: join the other processes
+        join_processes(s)  # torchrun: join the other processes
         return eval_only(s, net, tok, test_set) if s.eval_only else train(s, net, tok, train_set, test_set)
     except (UsageError, M.CheckpointError, data.DataError, tinylora.AdapterError, ValueError) as e:
         if rank() == 0:  # bad input is the same for every process: one line

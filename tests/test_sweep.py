@@ -47,7 +47,7 @@ def test_the_sweep_covers_what_the_paper_compares():
     assert {p.algo for p in points if p.group == "size"} == {"grpo", "sft-own", "sft-human"}
     assert {p.method for p in points} == {"tinylora", "lora-xs", "lora", "full"}
     assert sorted(p.name for p in points if p.group == "tiling") == ["tinylora-u1-tie2-structured", "tinylora-u1-tie2-tiled"]
-    assert all(p.size in sweep.LRS for p in points)  # every point has its probed learning rate
+    assert all(p.lr_from in sweep.LRS for p in points)  # every point has its probed learning rate
 
 
 def test_an_existing_sweep_folder_is_refused(tmp_path, capsys):

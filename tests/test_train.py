@@ -48,7 +48,8 @@ def tiny_args(setup, out, *extra):
 
 def test_short_grpo_run_on_a_real_checkpoint_writes_every_output(setup, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main(tiny_args(setup, out, "--mini-batches", "2", "--clip-high", "0.4", "--tis-cap", "2")) == 0
+    args = tiny_args(setup, out, "--mini-batches", "2", "--clip-high", "0.4", "--tis-cap", "2")
+    assert train.main(args) == 0
     printed = capsys.readouterr().out
     assert "trainable parameters: 8" in printed  # 2 layers x 7 modules, n_tie 4 -> 4 groups of u = 2
     assert "step 3/3" in printed and "tok/s" in printed and "ETA" in printed
@@ -57,10 +58,16 @@ def test_short_grpo_run_on_a_real_checkpoint_writes_every_output(setup, tmp_path
     assert {"reward", "acc_strict", "acc_flexible", "length", "clip_frac", "kl", "zero_adv_groups"} <= set(metrics[0])
     summary = json.load(open(out / "summary.json"))
     assert summary["trainable_parameters"] == 8 and set(summary["after"]) == {"greedy", "sampled"}
-    assert summary["command"].startswith("python")
+    assert summary["command"] == "python train.py " + " ".join(args)  # the run's own flags, also when called in-process
+    assert 0 < summary["train_seconds"] == metrics[-1]["time"]
     assert load_file(str(out / "adapter.safetensors"))["v"].shape == (4, 2)
     assert set(os.listdir(out)) >= {"args.json", "metrics.jsonl", "checkpoint.safetensors", "adapter.safetensors",
                                     "summary.json", "before.json"}
+
+
+def test_training_time_adds_up_the_sessions_of_a_resumed_run():
+    clock = [1.0, 2.0, 3.0, 0.5, 1.5]  # a run stopped after step 3, resumed for 2 more steps
+    assert train.train_seconds([{"time": t} for t in clock]) == 3.0 + 1.5
 
 
 def test_sft_and_eval_only_with_the_trained_adapter(setup, tmp_path, capsys):
