@@ -25,7 +25,7 @@ toy: setup
 	$(PY) toy.py
 
 # The paper in miniature (docs/results.md): accuracy vs trained parameters, RL vs SFT, on the toy.
-# About 45 minutes on 2 cores; matplotlib (requirements-plot.txt) draws the plot.
+# 93 runs: 18 minutes on 2 cores (docs/results.md); matplotlib (requirements-plot.txt) draws the plot.
 $(VENV)/.plot-installed: $(VENV)/.installed requirements-plot.txt
 	$(PY) -m pip install --quiet -r requirements-plot.txt
 	touch $@
@@ -44,7 +44,8 @@ bench: $(VENV)/.bench-installed
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_grpo_memory.py
 
-# The same comparisons on a CUDA GPU in bf16 (docs/performance.md); about 5 minutes on an H200.
+# The same comparisons on a CUDA GPU in bf16 (docs/performance.md); budgeted at 200 s (--budget),
+# not yet run on a GPU.
 bench-gpu: $(VENV)/.bench-installed
 	$(PY) bench/bench_gpu.py
 

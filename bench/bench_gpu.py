@@ -1,6 +1,7 @@
 """The CPU benchmarks' comparisons on one CUDA GPU in bf16, and what the paper's 7B run costs there.
 
-    python3 bench/bench_gpu.py               (~3 min on one H200; bench/gpu_check.sh runs it with the CUDA tests)
+    python3 bench/bench_gpu.py               (budgeted at 200 s, --budget; not yet run on a GPU;
+                                             bench/gpu_check.sh runs it with the CUDA tests)
     .venv/bin/python bench/bench_gpu.py --quick --device cpu --results /tmp/gpu_quick.jsonl
                                              (smoke test: tiny shapes, the same code path, any machine)
 

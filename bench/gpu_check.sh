@@ -10,7 +10,8 @@
 # 4. A short bf16 training run of the embedded default on the GPU (train.py, 20 steps, 200 eval
 #    problems); its summary.json, metrics.jsonl and curves.png are copied to $OUT.
 #
-# Every step runs under `timeout`; the worst case is ~6.6 minutes in all, a normal run ~4.
+# Every step runs under `timeout`; the worst case is ~6.6 minutes in all (the sum of the timeouts).
+# Not yet run on a GPU: no GPU was lent to the session that wrote it.
 # Everything printed also goes to $OUT/gpu_check.log. Exit status: 0 when every step passed.
 
 set -u -o pipefail
