@@ -63,6 +63,7 @@ class GRPOConfig:
     micro_batch_size: int = 4  # completions per forward/backward (gradient accumulation)
     max_grad_norm: float | None = 1.0  # gradient clipping before each step; None = off
     chunk_tokens: int = 1024  # completion tokens per lm_head + log_softmax chunk
+    keep_probs: bool = False  # keep the fp32 softmax [tokens, vocab] per micro-batch for backward (TokenLogprobs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,55 +127,72 @@ class TokenLogprobs(torch.autograd.Function):
     """logp[m] = log softmax(hidden[m] W^T / T)[targets[m]] for M rows, `chunk` rows at a time.
 
     One [chunk, vocab] fp32 block of logits at a time, worked on in place, in forward and in
-    backward; backward recomputes each block from the saved log-normaliser and applies the
-    softmax gradient by hand:
+    backward; backward applies the softmax gradient by hand:
 
         d logp[m] / d logits[m] = (onehot(targets[m]) - softmax(logits[m] / T)) / T
         d hidden = d logits W,    d W = d logits^T hidden      (the latter only if W is trained)
+
+    It needs each row's softmax again, which it gets one of two ways:
+    - keep_probs=False (the default): forward saves only the log-normaliser log_z [M], and
+      backward recomputes each block, softmax = exp(hidden W^T / T - log_z). Memory: one block at
+      a time; cost: a second lm_head matmul over the M rows.
+    - keep_probs=True: forward keeps every block's fp32 softmax (M x vocab x 4 bytes, e.g. 2,048
+      tokens x 151,936 = 1.2 GB) until backward, which turns each kept block into its gradient
+      in place: one lm_head matmul fewer, for memory that grows with M instead of `chunk`.
+      Backward can then run once only (retain_graph=True and a second backward fails autograd's
+      in-place check instead of computing a wrong gradient).
 
     hidden [M, D], weight [V, D] (lm_head's), targets [M] -> logp [M] fp32. Logits are computed in
     the weights' dtype and then cast to fp32, as in sampling (model.generate)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, keep_probs=False):
         M = hidden.shape[0]
         logp = torch.empty(M, dtype=torch.float32, device=hidden.device)  # [M]
         log_z = torch.empty(M, dtype=torch.float32, device=hidden.device)  # [M] logsumexp(logits / T)
+        probs = []  # keep_probs: the softmax blocks, [c, V] each
         for i in range(0, M, chunk):
             x = (hidden[i:i + chunk] @ weight.T).float().div_(temperature)  # [c, V]
             shift = x.amax(dim=-1, keepdim=True)  # [c, 1], for a stable exp
             x.sub_(shift)
             target = x.gather(-1, targets[i:i + chunk, None])[:, 0]  # x_y - shift
-            log_sum = x.exp_().sum(dim=-1).log()  # log sum_v exp(x_v - shift)
+            total = x.exp_().sum(dim=-1)  # sum_v exp(x_v - shift)
+            log_sum = total.log()
             logp[i:i + chunk] = target - log_sum
             log_z[i:i + chunk] = shift[:, 0] + log_sum
-            del x  # free this block before the next one is allocated
-        ctx.save_for_backward(hidden, weight, targets, log_z)
+            if keep_probs:
+                probs.append(x.div_(total[:, None]))  # softmax(logits / T), kept for backward
+            del x  # without keep_probs: free this block before the next one is allocated
+        ctx.save_for_backward(hidden, weight, targets, log_z, *probs)
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):  # [M]
-        hidden, weight, targets, log_z = ctx.saved_tensors
+        hidden, weight, targets, log_z, *probs = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, device=weight.device) if ctx.needs_input_grad[1] else None
-        for i in range(0, hidden.shape[0], chunk):
+        for k, i in enumerate(range(0, hidden.shape[0], chunk)):
             h, y = hidden[i:i + chunk], targets[i:i + chunk]  # [c, D], [c]
-            g = (h @ weight.T).float().div_(T).sub_(log_z[i:i + chunk, None]).exp_()  # softmax [c, V]
-            g.neg_().scatter_add_(-1, y[:, None], torch.ones_like(g[:, :1]))  # onehot(y) - softmax
-            g.mul_(grad_logp[i:i + chunk, None] / T)  # d loss / d logits
+            s = grad_logp[i:i + chunk, None] / T  # [c, 1]
+            if probs:  # kept by forward
+                g = probs[k]  # softmax [c, V]
+            else:  # recomputed from the log-normaliser
+                g = (h @ weight.T).float().div_(T).sub_(log_z[i:i + chunk, None]).exp_()  # softmax [c, V]
+            g.mul_(-s).scatter_add_(-1, y[:, None], s)  # (onehot(y) - softmax) s = d loss / d logits
             if grad_hidden is not None:
                 grad_hidden[i:i + chunk] = g.to(weight.dtype) @ weight
             if grad_weight is not None:
                 grad_weight.addmm_(g.T, h.float())
-            del g  # free this block before the next one is allocated
+            del g  # without keep_probs: free this block before the next one is allocated
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
-def sequence_logprobs(model, prompt_ids, completions, lengths, temperature=1.0, chunk_tokens=1024):
+def sequence_logprobs(model, prompt_ids, completions, lengths, temperature=1.0, chunk_tokens=1024,
+                      keep_probs=False):
     """Log-prob of every completion token under the model (with its adapter path), at the
     sampling temperature (0 counts as 1).
 
@@ -185,7 +203,9 @@ def sequence_logprobs(model, prompt_ids, completions, lengths, temperature=1.0, 
     completion token t. Only the M completion positions meet lm_head's weight, through
     TokenLogprobs, `chunk_tokens` rows at a time: no [N, T, vocab] tensor ever exists, only
     [chunk_tokens, vocab] ones. (lm_head is used as its weight matrix: an adapter on lm_head
-    itself would have to fold into that weight.)"""
+    itself would have to fold into that weight.) keep_probs: keep the completion tokens' fp32
+    softmax from forward to backward, [M, vocab], instead of recomputing it (TokenLogprobs);
+    only when gradients are on."""
     if int(lengths.min()) < 1 or int(lengths.max()) > completions.shape[1]:
         raise ValueError(f"completion lengths must lie in [1, {completions.shape[1]}] (the completions' "
                          f"width), got {lengths.tolist()}")
@@ -200,7 +220,8 @@ def sequence_logprobs(model, prompt_ids, completions, lengths, temperature=1.0, 
     hidden = model.hidden_states(ids, start)[:, prompts.shape[1] - 1:]  # [N, L, D]
     hidden = hidden[mask[:, :L]]  # [M, D], completion tokens only
     targets = completions[:, :L][mask[:, :L]]  # [M]
-    logp = TokenLogprobs.apply(hidden, model.lm_head.weight, targets, T, chunk_tokens)  # [M]
+    keep_probs = keep_probs and torch.is_grad_enabled()
+    logp = TokenLogprobs.apply(hidden, model.lm_head.weight, targets, T, chunk_tokens, keep_probs)  # [M]
     return torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device).masked_scatter(mask, logp)
 
 
@@ -359,7 +380,8 @@ def grpo_backward(model, batch, micro_batch_size, cfg, normalizer=None):
     parts = []
     for i in range(0, len(batch.prompt_ids), micro_batch_size):
         mb = batch_rows(batch, slice(i, i + micro_batch_size))
-        logp = sequence_logprobs(model, mb.prompt_ids, mb.completions, mb.lengths, cfg.temperature, cfg.chunk_tokens)
+        logp = sequence_logprobs(model, mb.prompt_ids, mb.completions, mb.lengths, cfg.temperature, cfg.chunk_tokens,
+                                 cfg.keep_probs)
         old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
         loss, stats = policy_loss(logp, old_logp, mb.advantages, length_mask(mb.lengths, logp.shape[1]),
                                   clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,

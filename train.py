@@ -79,7 +79,7 @@ DEFAULTS = dict(  # used when neither the command line nor the preset sets a val
     temperature=1.0, top_p=1.0, clip_low=0.2, clip_high=0.2, tis_cap=0.0, kl_beta=0.0, agg="token-mean",
     adv_scale="std", reward="strict", mini_batches=1, micro_batch=8, weight_decay=0.0, warmup=0.0, max_grad_norm=1.0,
     sft_field="answer", dtype=None, device=None, threads=0, seed=0, eval_limit=0, eval_batch=64,
-    eval_temperature=1.0, save_every=10, adapter_dtype="float32",
+    eval_temperature=1.0, save_every=10, adapter_dtype="float32", keep_probs=False,
 )
 
 
@@ -136,6 +136,9 @@ def parse_args(argv=None):
     g.add_argument("--adv-scale", choices=grpo.ADVANTAGE_SCALES, help="divide advantages by the group std, or not (Dr. GRPO)")
     g.add_argument("--mini-batches", type=int, help="optimizer steps per rollout batch")
     g.add_argument("--micro-batch", type=int, help="completions per forward/backward (memory; per process)")
+    g.add_argument("--keep-probs", action="store_true", default=None,
+                   help="keep the fp32 softmax of the completion tokens from forward to backward: one lm_head matmul "
+                   "fewer in backward, for completion tokens x vocab x 4 bytes of memory per micro-batch")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     g.add_argument("--warmup", type=float, help="fraction of steps with a linear learning-rate warm-up")
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping (0 = off)")
@@ -352,7 +355,7 @@ def prepare_run_folder(s):
             raise UsageError(f"--resume needs --out pointing at a run folder with args.json, got {s.out!r}")
         with open(os.path.join(s.out, "args.json")) as f:
             saved = json.load(f)
-        return argparse.Namespace(**{**saved, "resume": True, "out": s.out})
+        return argparse.Namespace(**{**DEFAULTS, **saved, "resume": True, "out": s.out})  # DEFAULTS: settings newer than the run
     if s.out is None:
         s.out = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
     if os.path.isdir(s.out) and os.listdir(s.out) and not s.overwrite:
@@ -431,7 +434,7 @@ def grpo_step(net, tok, adapter, optimizer, batch, s, step):
                           top_p=s.top_p, adv_scale=s.adv_scale, agg=s.agg, constant_norm=s.max_new_tokens,
                           clip_low=s.clip_low, clip_high=s.clip_high, tis_cap=s.tis_cap or None, kl_beta=s.kl_beta,
                           mini_batches=s.mini_batches, micro_batch_size=s.micro_batch,
-                          max_grad_norm=s.max_grad_norm or None)
+                          max_grad_norm=s.max_grad_norm or None, keep_probs=s.keep_probs)
     stats = grpo.grpo_update(net, out, rewards, optimizer, cfg, adapter, sum_over_processes=sum_over_processes)
     tokens = float(out.lengths.sum())  # clip_frac and kl are means over this process's tokens
     reward, strict, flexible, tokens, clipped, kl, zero_adv = sum_over_processes(
@@ -460,7 +463,7 @@ def sft_step(net, tok, adapter, optimizer, batch, s):
     loss_sum = 0.0
     for i in range(0, len(batch), s.micro_batch):
         rows = slice(i, i + s.micro_batch)
-        logp = grpo.sequence_logprobs(net, prompts[rows], completions[rows], lengths[rows])
+        logp = grpo.sequence_logprobs(net, prompts[rows], completions[rows], lengths[rows], keep_probs=s.keep_probs)
         loss = -logp.sum() / total
         loss.backward()
         loss_sum += loss.item()

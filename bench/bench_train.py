@@ -1,7 +1,7 @@
 """One policy-gradient training step: this project against PEFT's `tinylora`, and against the
 frozen base alone.
 
-    .venv/bin/python bench/bench_train.py            (~6 min on 2 shared cores)
+    .venv/bin/python bench/bench_train.py            (~8 min on 2 shared cores)
     .venv/bin/python bench/bench_train.py --quick    (smoke test, tiny sizes)
 
 The step: log-probs of the completion tokens, the clipped policy loss (grpo.policy_loss, token
@@ -10,13 +10,15 @@ of every layer (28 trainable numbers on 4 layers), on a Qwen2.5-0.5B-width model
 (896 hidden, 4864 MLP, 14/2 heads, 151,936 vocab, tied), fp32, weights written once by
 transformers' Qwen2ForCausalLM (random init, seed 0) and loaded by both sides. Rows of 128
 tokens (64 prompt + 64 completion, every completion full length): 32 rows for peak memory (one
-step per side), 8 rows for speed (32-row steps, repeated and alternated over four sides, do not
+step per side), 8 rows for speed (32-row steps, repeated and alternated over five sides, do not
 fit in `make bench`'s 15 minutes).
 
 Sides, timed alternately in one process; ratios are of median CPU times over `--repeats` rounds
 (wall-time ratios printed beside them):
   ours           grpo.sequence_logprobs (lm_head + log-softmax only on completion positions,
                  1024 rows at a time, recomputed in backward) + the adapter's forward hooks
+  ours-keep      the same with keep_probs=True: each block's softmax kept from forward to backward
+                 (the same model as ours in the timed process; its own in the memory child)
   peft-full      PEFT TinyLoraConfig(r=2, u=1, weight_tying=0) on Qwen2ForCausalLM; the plain
                  transformers recipe: logits of every position, log_softmax, gather
   peft-trl       the same PEFT model, log-probs as TRL's GRPOTrainer computes them: logits of the
@@ -25,7 +27,7 @@ Sides, timed alternately in one process; ratios are of median CPU times over `--
                  tensor is a scalar multiplying the embedding output, so backward still runs
                  through every layer, as it must to reach the adapter's v in layer 0 (a scalar on
                  the final norm's output would skip the layers' backward and flatter the base)
-Peak memory (ours and the two PEFT sides): each in a fresh child process, so one side's peak cannot hide the other's: load,
+Peak memory (ours, ours-keep and the two PEFT sides): each in a fresh child process, so one side's peak cannot hide the other's: load,
 read every weight once (both loaders map the checkpoint file, so weights become resident on first
 use), reset the RSS high-water mark (5 > /proc/self/clear_refs); the step's peak is the mark after
 one step minus the RSS before it: memory above the loaded model.
@@ -76,7 +78,7 @@ class Side:
     adapter: object = None  # ours: the tinylora.Adapter
 
 
-def build_ours(path, data, adapter_on=True):
+def build_ours(path, data, adapter_on=True, keep_probs=False):
     prompts, completions, lengths, advantages = data
     model = M.load_model(path, dtype=torch.float32, device="cpu")
     adapter, n = tinylora.attach(model, tinylora.TinyLoRAConfig(r=2, u=1, n_tie=1), cache_dir=None, quiet=True)
@@ -84,15 +86,15 @@ def build_ours(path, data, adapter_on=True):
     scale = torch.ones((), requires_grad=True)  # the base's only trainable tensor (see the docstring)
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: out * scale)
 
-    def logp():
-        return grpo.sequence_logprobs(model, prompt_ids, completions, lengths)
+    def logp(keep=keep_probs):
+        return grpo.sequence_logprobs(model, prompt_ids, completions, lengths, keep_probs=keep)
 
-    def step():
+    def step(keep=keep_probs):
         if adapter_on:
-            loss_of(logp(), advantages, lengths).backward()
+            loss_of(logp(keep), advantages, lengths).backward()
         else:
             with adapter.disabled():
-                loss_of(logp(), advantages, lengths).backward()
+                loss_of(logp(keep), advantages, lengths).backward()
         adapter.tensors["v"].grad = scale.grad = None
 
     return Side(step, logp, model, n, adapter)
@@ -130,8 +132,8 @@ def build_peft(path, data, how, peft_model=None):
 
 
 def build(side, path, data):
-    if side in ("ours", "base"):
-        return build_ours(path, data, adapter_on=side == "ours")
+    if side in ("ours", "ours-keep", "base"):
+        return build_ours(path, data, adapter_on=side != "base", keep_probs=side == "ours-keep")
     return build_peft(path, data, side.removeprefix("peft-"))
 
 
@@ -176,6 +178,8 @@ def run(args, shape, rows, memory_rows, repeats, record, workdir):
     data = batch(rows, shape["vocab"])
     built = {side: build(side, workdir, data) for side in ("ours", "peft-full")}
     built["peft-trl"] = build_peft(workdir, data, "trl", peft_model=built["peft-full"].model)
+    ours = built["ours"]
+    built["ours-keep"] = Side(lambda: ours.step(keep=True), ours.logp, ours.model, ours.trainable, ours.adapter)
     adapter = built["ours"].adapter
 
     # parity at v = 0: every side computes the base model's log-probs (this also pages the weights in)
@@ -193,7 +197,7 @@ def run(args, shape, rows, memory_rows, repeats, record, workdir):
     record.update(step_cpu_s=cpu, step_wall_s=wall)
 
     del built, adapter
-    measured = ("ours", "peft-full", "peft-trl")
+    measured = ("ours", "ours-keep", "peft-full", "peft-trl")
     children = common.child_peaks(os.path.abspath(__file__), {s: [s, workdir, memory_rows, shape["vocab"]] for s in measured})
     peaks = {s: children[s]["peak_bytes"] for s in measured}
     record["peak_bytes"] = peaks
@@ -203,12 +207,15 @@ def run(args, shape, rows, memory_rows, repeats, record, workdir):
           f"{args.threads} thread(s); time at {B} rows, peak memory at {memory_rows} rows; "
           f"log-prob parity at v=0: max |diff| {record['max_logp_diff']:.1e}")
     wall_med = {s: common.median(t) for s, t in wall.items()}
-    record["speedup"] = {ref: med[ref] / med["ours"] for ref in ("peft-full", "peft-trl")}
-    record["memory_ratio"] = {ref: peaks["ours"] / peaks[ref] for ref in ("peft-full", "peft-trl")}
-    for ref in ("peft-full", "peft-trl"):
-        print(f"  ours vs PEFT tinylora ({ref}): {med['ours']:.2f} vs {med[ref]:.2f} CPU s per step = {med[ref] / med['ours']:.2f}x "
-              f"faster (wall {wall_med[ref] / wall_med['ours']:.2f}x; goal >= 1.3x); peak memory above the loaded model "
-              f"{common.gib(peaks['ours']):.2f} vs {common.gib(peaks[ref]):.2f} GiB = {peaks['ours'] / peaks[ref]:.2f}x (goal <= 0.6x)")
+    refs = ("peft-full", "peft-trl")
+    for ours, suffix in (("ours", ""), ("ours-keep", "_keep_probs")):
+        record["speedup" + suffix] = {ref: med[ref] / med[ours] for ref in refs}
+        record["memory_ratio" + suffix] = {ref: peaks[ours] / peaks[ref] for ref in refs}
+        for ref in refs:
+            print(f"  {ours} vs PEFT tinylora ({ref}): {med[ours]:.2f} vs {med[ref]:.2f} CPU s per step = "
+                  f"{med[ref] / med[ours]:.2f}x faster (wall {wall_med[ref] / wall_med[ours]:.2f}x; goal >= 1.3x); peak "
+                  f"memory above the loaded model {common.gib(peaks[ours]):.2f} vs {common.gib(peaks[ref]):.2f} GiB = "
+                  f"{peaks[ours] / peaks[ref]:.2f}x (goal <= 0.6x)")
     overhead = med["ours"] / med["base"] - 1
     rounds = sorted(a / b - 1 for a, b in zip(cpu["ours"], cpu["base"]))
     record["adapter_overhead"] = overhead

@@ -193,8 +193,9 @@ def test_no_logits_beyond_one_chunk_in_forward_or_backward(setup):
     assert naive.rows == completions.numel()
 
 
+@pytest.mark.parametrize("keep_probs", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_token_logprobs_hand_written_backward_matches_autograd(temperature):
+def test_token_logprobs_hand_written_backward_matches_autograd(temperature, keep_probs):
     """Gradients to the hidden states and to lm_head's weight (which full fine-tuning, or tied
     embeddings, would train) equal autograd's through the plain formula."""
     g = torch.Generator().manual_seed(0)
@@ -202,13 +203,63 @@ def test_token_logprobs_hand_written_backward_matches_autograd(temperature):
     weight = torch.randn(11, 5, generator=g, requires_grad=True)
     targets = torch.randint(0, 11, (7,), generator=g)
     upstream = torch.randn(7, generator=g)
-    logp = grpo.TokenLogprobs.apply(hidden, weight, targets, temperature, 3)
+    logp = grpo.TokenLogprobs.apply(hidden, weight, targets, temperature, 3, keep_probs)
     expected = torch.log_softmax(hidden @ weight.T / temperature, -1).gather(-1, targets[:, None])[:, 0]
     assert torch.allclose(logp, expected, atol=1e-6)
     grads = torch.autograd.grad(logp, (hidden, weight), upstream)
     expected_grads = torch.autograd.grad(expected, (hidden, weight), upstream)
     for got, want in zip(grads, expected_grads):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("chunk", [3, 7, 100])  # several chunks, a ragged last one; one chunk
+def test_token_logprobs_keep_probs_matches_recompute(temperature, chunk):
+    """keep_probs=True (the softmax kept from forward) gives the log-probs and the gradients to
+    the hidden states and lm_head's weight of the default path (the softmax recomputed). Both
+    work on fp32 blocks whatever the input dtype, so fp32 rounding is the tolerance. (No
+    gradcheck: it runs backward through one graph many times, which keep_probs refuses, see
+    below; the hand-written backward test above compares it with autograd instead.)"""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 5, generator=g, requires_grad=True)
+    weight = torch.randn(11, 5, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    upstream = torch.randn(7, generator=g)
+    results = []
+    for keep in (False, True):
+        logp = grpo.TokenLogprobs.apply(hidden, weight, targets, temperature, chunk, keep)
+        results.append((logp, *torch.autograd.grad(logp, (hidden, weight), upstream)))
+        # the hidden states alone (lm_head frozen, as with an adapter)
+        logp = grpo.TokenLogprobs.apply(hidden, weight.detach(), targets, temperature, chunk, keep)
+        results[-1] += torch.autograd.grad(logp, hidden, upstream)
+    for recomputed, kept in zip(*results):
+        assert torch.allclose(kept, recomputed, rtol=1e-5, atol=1e-6)
+
+
+def test_token_logprobs_keep_probs_refuses_a_second_backward():
+    """The kept softmax becomes the gradient in place: backward through the same graph again
+    (retain_graph=True) must fail loudly rather than compute a wrong gradient."""
+    hidden = torch.randn(4, 3, requires_grad=True)
+    logp = grpo.TokenLogprobs.apply(hidden, torch.randn(6, 3), torch.tensor([0, 1, 2, 3]), 1.0, 2, True)
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        logp.sum().backward()
+
+
+def test_sequence_logprobs_keep_probs_matches_recompute(setup):
+    """Through the model: the same log-probs and gradient to the adapter; nothing kept without grad."""
+    model, tok, adapter = setup
+    prompts, completions, lengths = ragged_batch(tok)
+    upstream = torch.randn(completions.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for keep in (False, True):
+        logp = grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, chunk_tokens=5, keep_probs=keep)
+        results.append((logp, *torch.autograd.grad(logp, adapter.v, upstream)))
+    for recomputed, kept in zip(*results):
+        assert torch.allclose(kept, recomputed, rtol=0, atol=1e-6)
+    with torch.no_grad():  # no graph, so no softmax is kept
+        assert torch.equal(grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, 5, keep_probs=True),
+                           results[0][0].detach())
 
 
 # --------------------------------------------------------------------------------------------

@@ -237,3 +237,15 @@ def test_curves_png_is_written_when_matplotlib_is_installed(tmp_path):
     metrics = [{"step": i, "reward": 0.1 * i, "acc_strict": 0.1 * i, "acc_flexible": 0.1 * i} for i in range(1, 4)]
     path = train.plot_curves(str(tmp_path), metrics)
     assert path == str(tmp_path / "curves.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_keep_probs_trains_the_same_adapter(setup, tmp_path):
+    """--keep-probs changes how backward gets the softmax (kept, not recomputed), not the gradient."""
+    adapters = {}
+    for flags in ([], ["--keep-probs"]):
+        out = tmp_path / ("keep" if flags else "recompute")
+        assert train.main(tiny_args(setup, out, "--steps", "2", "--eval-limit", "1", *flags)) == 0
+        assert json.load(open(out / "args.json"))["keep_probs"] == bool(flags)
+        adapters[bool(flags)] = load_file(str(out / "adapter.safetensors"))["v"]
+    assert torch.allclose(adapters[True], adapters[False], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(adapters[True], torch.zeros_like(adapters[True]))  # it trained
