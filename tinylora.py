@@ -236,8 +236,9 @@ def truncated_svd(W, r, exact=False, oversample=16, niter=4, seed=0):
         # W Z as (Z^T W^T)^T and W^T Q as (Q^T W)^T: the same products, but BLAS is ~25% faster on
         # these forms for thin Z, Q (and the transposed result is column-major, as LAPACK's QR wants)
         Q = torch.linalg.qr((start.T @ W.T).T).Q  # [m, q] basis of the range of W
-        for _ in range(niter):
-            Q = torch.linalg.qr((torch.linalg.qr((Q.T @ W).T).Q.T @ W.T).T).Q
+        for _ in range(niter):  # subspace iteration: alternate bases of the ranges of W^T and W
+            Z = torch.linalg.qr((Q.T @ W).T).Q  # [n, q] basis of the range of W^T
+            Q = torch.linalg.qr((Z.T @ W.T).T).Q  # [m, q] basis of the range of W
         Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)  # SVD of the small [q, n]
         U = Q @ Ub
     U, S, Vh = U[:, :r], S[:r], Vh[:r]
