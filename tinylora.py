@@ -59,6 +59,8 @@ TILINGS = ("tiled", "structured")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "tinylora", "svd")
 FORMAT, FORMAT_VERSION = "tinylora-adapter", "1"
+TIE_GAP = 1e-6  # (s_i - s_{i+1}) / s_1 below this, i <= r: "tied", warned about (svd_factors)
+SVD_VERSION = "2"  # the truncated SVD algorithm (2: iterate to a sine bound; 1: 4 fixed passes); in the cache key
 
 
 class AdapterError(ValueError):
@@ -76,8 +78,9 @@ class TinyLoRAConfig:
     seed: int = 0  # projection seed: P of module m comes from manual_seed(seed * 1_000_003 + m)
     scale: float = 1.0  # dW multiplier (see the scale convention above)
     svd: str = "randomized"  # "randomized" (subspace iteration) or "exact" (torch.linalg.svd)
-    svd_oversample: int = 16  # randomized: extra columns beyond r (8: ~3x the error on flat spectra, no faster)
-    svd_niter: int = 4  # randomized: power iterations
+    svd_oversample: int = 16  # randomized: extra columns beyond r (more: fewer, dearer passes)
+    svd_tol: float = 1e-4  # randomized: iterate until every U, V column is within this sine of the exact SVD's
+    svd_max_iter: int = 100  # randomized: passes before falling back to the exact SVD
     dtype: torch.dtype = torch.float32  # of the trainable tensors; the math is fp32 regardless ("full": the weights' own)
 
     def __post_init__(self):
@@ -106,9 +109,11 @@ class TinyLoRAConfig:
             bad("n_tie", f"tying applies to tinylora and lora-xs only; use n_tie=1 with method {self.method!r}")
         if self.svd not in ("randomized", "exact"):
             bad("svd", "use 'randomized' or 'exact'")
-        for key in ("seed", "svd_oversample", "svd_niter"):
+        for key in ("seed", "svd_oversample", "svd_max_iter"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 bad(key, "must be an integer >= 0")
+        if not (isinstance(self.svd_tol, (int, float)) and 0 < self.svd_tol < 1):
+            bad("svd_tol", "must be a number in (0, 1), e.g. 1e-4")
         if not math.isfinite(self.scale):
             bad("scale", "must be a finite number")
 
@@ -222,64 +227,161 @@ def fingerprint(model, samples=4096):
     return h.hexdigest()[:32]
 
 
-def truncated_svd(W, r, exact=False, oversample=16, niter=4, seed=0):
-    """Top-r SVD of W [m, n] (fp32) -> U [m, r], S [r], Vh [r, n], W ~ U diag(S) Vh (Vh = V^T).
-    Randomized: subspace iteration (Halko, Martinsson, Tropp 2011, alg. 4.4) with r + oversample
-    columns, niter power iterations and a start matrix from a seeded CPU generator (torch.svd_lowrank
-    draws from the global RNG). Signs are fixed so the largest-|.| entry of each U column is
-    positive: the adapter's meaning (U S R V^T with a non-diagonal R) depends on them."""
-    if exact:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    else:
+def _ritz(W, Q):
+    """Rayleigh-Ritz on an orthonormal basis Q [m, q] of (nearly) the top range of W: the SVD of
+    the small Q^T W [q, n], lifted back -> U = Q Ub [m, q], S [q], Vh [q, n]. W^T u_i = s_i v_i
+    holds exactly; how far W v_i is from s_i u_i tells how far the pair is from a true one."""
+    Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
+    return Q @ Ub, S, Vh
+
+
+def _sine_bound(S, residuals, r, n):
+    """Bound on the sine of the angle between each of the top-r computed singular pairs and the
+    true pair (u_i, v_i) of W [m, n], from the residual norms [r] ||(W v_i - s_i u_i, W^T u_i - s_i v_i)||
+    and the gaps to the neighbouring singular values (Davis-Kahan on the symmetric [[0, W], [W^T, 0]]):
+
+        sin_i <= residual_i / (min(s_{i-1} - s_i, s_i - s_{i+1}) - slack)      (s_0 = inf)
+
+    with S [>= r] the computed values and slack = 2 max residual + eps sqrt(n) s_1 what they may be
+    off by (a computed value is within its residual of a true one, and rounding adds eps sqrt(n) s_1).
+    The largest over i <= r; it bounds the sine of the U and V subspaces too. inf when the gaps are
+    within the slack: nearly tied values, whose basis (or, for i = r, subspace) is not determined."""
+    s = torch.cat([torch.tensor([math.inf], dtype=torch.float64), S.double().cpu(),
+                   torch.zeros(max(0, r + 1 - len(S)), dtype=torch.float64)])
+    residuals = residuals.double().cpu()
+    slack = 2 * residuals.max() + torch.finfo(S.dtype).eps * math.sqrt(n) * s[1]
+    gaps = torch.minimum(s[:r] - s[1:r + 1], s[1:r + 1] - s[2:r + 2]) - slack  # [r]
+    return (residuals / gaps).where(gaps > 0, math.inf).max().item()
+
+
+def _fp64_sine_bound(W, U, S, Vh, r):
+    """`_sine_bound` of the top-r pairs of (U, S, Vh) with both residuals computed in fp64 (they are
+    trustworthy down to ~1e-16 s_1; fp32 ones stop at ~1e-7 s_1 sqrt(n)). S: every computed value."""
+    W, U, s, Vh = W.double(), U[:, :r].double(), S[:r].double(), Vh[:r].double()
+    residuals = ((W @ Vh.T - U * s).square().sum(0) + (U.T @ W - s[:, None] * Vh).square().sum(1)).sqrt()
+    return _sine_bound(S, residuals, r, W.shape[1])
+
+
+def truncated_svd(W, r, exact=False, oversample=16, tol=1e-4, max_iter=100, seed=0):
+    """Top-r SVD of W [m, n] (fp32) -> (U [m, r], S [r], Vh [r, n], report); W ~ U diag(S) Vh.
+
+    Randomized (default): subspace iteration (Halko, Martinsson, Tropp 2011, alg. 4.4) with
+    q = r + oversample columns from a start matrix drawn by a seeded CPU generator, and a
+    Rayleigh-Ritz step (`_ritz`) after every pass, repeated until `_sine_bound` <= tol: every
+    returned u_i, v_i (so also both subspaces) is then within sine tol of the exact SVD's. How many
+    passes that takes is decided per matrix by this check, not fixed: a flat top of the spectrum
+    (s_2 close to s_3, common in real weights) needs many. Passes run in fp32 until the residuals
+    reach fp32 rounding (~1e-7 s_1 sqrt(n)); the pairs are then re-checked in fp64 and, if still
+    short of tol, the iteration goes on in fp64. No convergence within max_iter passes:
+    torch.linalg.svd, as with exact=True.
+    Exact: torch.linalg.svd (fp32), truncated; its own accuracy is ~1e-7 s_1 / gap.
+
+    report: {"method": "randomized" | "exact", "passes": subspace-iteration passes run,
+    "sine_bound": `_sine_bound` of the returned factors, "gap": the smallest (s_i - s_{i+1}) / s_1
+    for i <= r}. A sine_bound above tol (after the exact fallback) means nearly tied singular
+    values: the factors are then torch.linalg.svd's, correct to ~1e-7 s_1 / gap and no better.
+
+    Signs are fixed so the largest-|.| entry of each U column is positive: the adapter's meaning
+    (U S R V^T with a non-diagonal R) depends on them."""
+    report = {"method": "exact", "passes": 0}
+    if not exact:
         q = min(r + oversample, *W.shape)
         start = torch.randn(W.shape[1], q, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(W)
-        # W Z as (Z^T W^T)^T and W^T Q as (Q^T W)^T: the same products, but BLAS is ~25% faster on
-        # these forms for thin Z, Q (and the transposed result is column-major, as LAPACK's QR wants)
+        # W Z as (Z^T W^T)^T: the same product, but BLAS is ~25% faster on this form for thin Z (and the
+        # transposed result is column-major, as LAPACK's QR wants)
         Q = torch.linalg.qr((start.T @ W.T).T).Q  # [m, q] basis of the range of W
-        for _ in range(niter):  # subspace iteration: alternate bases of the ranges of W^T and W
-            Z = torch.linalg.qr((Q.T @ W).T).Q  # [n, q] basis of the range of W^T
-            Q = torch.linalg.qr((Z.T @ W.T).T).Q  # [m, q] basis of the range of W
-        Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)  # SVD of the small [q, n]
-        U = Q @ Ub
+        A = W  # the matrix the passes run on: W in fp32, then in fp64 if fp32 rounding is reached
+        floor = 10 * torch.finfo(torch.float32).eps * math.sqrt(W.shape[1])  # fp32 rounding is < 10% of residuals above floor * s_1
+        for passes in range(1, max_iter + 1):
+            U, S, Vh = _ritz(A, Q)  # [m, q], [q], [q, n]
+            Y = (Vh @ A.T).T  # [m, q] = A V: gives the residuals, and the next basis of the range of W
+            residuals = (Y[:, :r] - U[:, :r] * S[:r]).norm(dim=0)  # W^T u_i - s_i v_i is 0 here (`_ritz`)
+            fp32, noisy = A.dtype != torch.float64, residuals.max() <= floor * S[0]  # noisy: fp32 rounding dominates
+            bound = _sine_bound(S, residuals, r, W.shape[1])
+            if bound <= tol or (fp32 and noisy):
+                if fp32 and noisy:  # the fp32 residuals cannot be trusted: check the pairs in fp64
+                    bound = _fp64_sine_bound(W, U, S, Vh, r)
+                if bound <= tol:
+                    report = {"method": "randomized", "passes": passes}
+                    U, S, Vh = U.to(W.dtype), S.to(W.dtype), Vh.to(W.dtype)
+                    break
+                if fp32:  # fp32 rounding stopped the progress: go on in fp64 from here
+                    A = W.double()
+                    Y = (Vh.double() @ A.T).T
+            Q = torch.linalg.qr(Y).Q
+        else:
+            exact, report["passes"] = True, max_iter
+    if exact:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        bound = _fp64_sine_bound(W, U, S, Vh, r)
+    s = torch.cat([S.double().cpu(), torch.zeros(max(0, r + 1 - len(S)), dtype=torch.float64)])
+    report.update(sine_bound=bound, gap=float(((s[:r] - s[1:r + 1]) / s[0]).min()))
     U, S, Vh = U[:, :r], S[:r], Vh[:r]
     sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()  # [1, r]
     sign[sign == 0] = 1
-    return (U * sign).contiguous(), S.contiguous(), (Vh * sign.T).contiguous()  # LAPACK hands back column-major
+    return (U * sign).contiguous(), S.contiguous(), (Vh * sign.T).contiguous(), report  # LAPACK hands back column-major
 
 
 def svd_factors(targets, config, model_fingerprint, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
-    """Fill U, S, V of every target. Cached in `cache_dir`/<key>.safetensors, key = sha256 of the
-    model fingerprint, weight dtype, targets, r and SVD options; cache_dir None: no cache."""
+    """Fill U, S, V of every target; returns {module name: truncated_svd's report}. Cached in
+    `cache_dir`/<key>.safetensors (the reports in its metadata), key = sha256 of the model
+    fingerprint, weight dtype, targets, r, the SVD options (method, oversample, tol, max_iter) and
+    SVD_VERSION, so factors made with other accuracy settings or by an older algorithm are never
+    reused; cache_dir None: no cache. Warns once, naming the modules, when nearly tied singular
+    values leave some module's factors short of the tolerance (see truncated_svd)."""
     device, c = targets[0].linear.weight.device, config
-    key = hashlib.sha256(json.dumps([model_fingerprint, str(targets[0].linear.weight.dtype), c.targets, c.r,
-                                     c.svd, c.svd_oversample, c.svd_niter, FORMAT_VERSION]).encode()).hexdigest()[:32]
+    key = hashlib.sha256(json.dumps([model_fingerprint, str(targets[0].linear.weight.dtype), c.targets, c.r, c.svd,
+                                     c.svd_oversample, c.svd_tol, c.svd_max_iter, SVD_VERSION]).encode()).hexdigest()[:32]
     path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else None
-    cached = {}
+    cached, reports = {}, {}
     if path and os.path.isfile(path):
         try:
-            cached = load_file(path, device=str(device))
-        except (OSError, SafetensorError) as e:
+            with safe_open(path, "pt", device=str(device)) as f:
+                reports = json.loads((f.metadata() or {}).get("reports", "{}"))
+                cached = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, SafetensorError, ValueError) as e:
             print(f"tinylora: ignoring unreadable SVD cache {path} ({e})", file=sys.stderr)
-    if all(f"{t.name}.{f}" in cached for t in targets for f in ("U", "S", "Vh")):
+            cached = {}
+    if all(f"{t.name}.{f}" in cached for t in targets for f in ("U", "S", "Vh")) and all(t.name in reports for t in targets):
         for t in targets:
             t.U, t.S, t.Vh = (cached[f"{t.name}.{f}"] for f in ("U", "S", "Vh"))
-        return
+        return {t.name: reports[t.name] for t in targets}
     start = last = time.monotonic()
     for n, t in enumerate(targets, 1):
-        t.U, t.S, t.Vh = truncated_svd(t.linear.weight.detach().float(), c.r, c.svd == "exact",
-                                      c.svd_oversample, c.svd_niter, seed=t.index)
+        t.U, t.S, t.Vh, reports[t.name] = truncated_svd(t.linear.weight.detach().float(), c.r, c.svd == "exact",
+                                                       c.svd_oversample, c.svd_tol, c.svd_max_iter, seed=t.index)
         if not quiet and time.monotonic() - last > 2:
             print(f"tinylora: SVD {n}/{len(targets)} modules ({t.name}), {time.monotonic() - start:.0f} s", file=sys.stderr)
             last = time.monotonic()
+    reports = {t.name: reports[t.name] for t in targets}
     if not quiet:
-        print(f"tinylora: {c.svd} rank-{c.r} SVD of {len(targets)} modules in {time.monotonic() - start:.1f} s"
-              + (f", cached in {path}" if path else ""), file=sys.stderr)
+        print(f"tinylora: rank-{c.r} SVD of {len(targets)} modules in {time.monotonic() - start:.1f} s: {svd_summary(reports)}"
+              + (f"; cached in {path}" if path else ""), file=sys.stderr)
+    tied = [name for name, rep in reports.items() if not (rep["sine_bound"] <= c.svd_tol and rep["gap"] >= TIE_GAP)]
+    if tied:
+        print(f"tinylora: warning: {len(tied)} module(s) have (nearly) tied top singular values, so their rank-{c.r} "
+              f"basis is set by rounding rather than by the weights, or could not be certified to sine {c.svd_tol:g}; "
+              "their factors are what this machine computes (the same on every run here; another BLAS may pick "
+              "another basis of the tied space): "
+              + ", ".join(f"{n} (gap {reports[n]['gap']:.1e}, sine bound {reports[n]['sine_bound']:.1e})" for n in tied),
+              file=sys.stderr)
     if path:
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            _atomic_save({f"{t.name}.{f}": getattr(t, f).cpu() for t in targets for f in ("U", "S", "Vh")}, path)
+            _atomic_save({f"{t.name}.{f}": getattr(t, f).cpu() for t in targets for f in ("U", "S", "Vh")}, path,
+                         {"reports": json.dumps(reports)})
         except OSError as e:
             print(f"tinylora: could not write the SVD cache {path} ({e}); the next run recomputes it", file=sys.stderr)
+    return reports
+
+
+def svd_summary(reports):
+    """One line about the SVD reports of a model: how the modules were done, the worst sine bound."""
+    randomized = [r["passes"] for r in reports.values() if r["method"] == "randomized"]
+    passes = sorted(randomized)[len(randomized) // 2] if randomized else 0
+    worst = max(r["sine_bound"] for r in reports.values())
+    return (f"{len(randomized)} by subspace iteration (median {passes} passes), {len(reports) - len(randomized)} exact; "
+            f"every U, V within sine {worst:.1e} of the exact SVD's")
 
 
 def _atomic_save(tensors, path, metadata=None):
@@ -425,8 +527,7 @@ def attach(model, config=None, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
     model.requires_grad_(False)
     base = fingerprint(model)
     c, device = config, targets[0].linear.weight.device
-    if c.method in ("tinylora", "lora-xs"):
-        svd_factors(targets, c, base, cache_dir, quiet)
+    svd_reports = svd_factors(targets, c, base, cache_dir, quiet) if c.method in ("tinylora", "lora-xs") else {}
     tensors = {}
     if c.method == "tinylora":
         for t in targets:  # drawn in float64: the vectorised float32 sampler's bits depend on the CPU
@@ -444,6 +545,7 @@ def attach(model, config=None, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
     else:
         tensors = {f"{t.name}.weight": t.linear.weight.requires_grad_(True) for t in targets}
     adapter = Adapter(config, targets, tensors, base)
+    adapter.svd_reports = svd_reports  # {module name: truncated_svd's report}; {} for lora and full
     if not quiet:
         shape = {"tinylora": f" r={c.r} u={c.u} n_tie={c.n_tie} {c.tiling}", "lora-xs": f" r={c.r} n_tie={c.n_tie} {c.tiling}",
                  "lora": f" r={c.r}", "full": ""}[c.method]
@@ -463,6 +565,8 @@ def save_adapter(adapter, path, dtype=torch.float32):
     config = {**asdict(c), "dtype": str(c.dtype).removeprefix("torch."), "targets": list(c.targets)}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config),
                 "base_fingerprint": adapter.base_fingerprint, "num_trainable": str(adapter.num_trainable)}
+    if adapter.svd_reports:  # how exact the frozen factors were (per module: the SVD cache's metadata)
+        metadata["svd"] = svd_summary(adapter.svd_reports)
     _atomic_save({k: p.detach().to(dtype).contiguous().cpu() for k, p in adapter.tensors.items()}, path, metadata)
     return adapter_size(path)
 
@@ -487,6 +591,9 @@ def load_adapter(model, path, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
     if (meta.get("format"), meta.get("format_version")) != (FORMAT, FORMAT_VERSION):
         raise AdapterError(f"{path}: not a {FORMAT} file of version {FORMAT_VERSION} "
                            f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})")
+    if '"svd_niter"' in meta.get("config", ""):
+        raise AdapterError(f"{path}: made by an older tinylora whose SVD ran 4 fixed passes (svd_niter); this one "
+                           "iterates to the exact top-r subspace, so the file's v would mean another update: retrain it")
     try:
         config = TinyLoRAConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
