@@ -7,26 +7,36 @@ Data. A problem file is JSON lines, one `{"question": ..., "answer": ...}` objec
     bare           "answer": "72"   (or the JSON number 72)
 
 `load_problems` reads either kind into `Problem(question, answer_text, target)`, where `target` is
-the normalised final answer (`final_answer` below). Nothing is skipped: a line that cannot be used
-raises `DataError` naming the file, the line and what to fix.
+the normalised final answer (`final_answer` below) and `Problem.reference` the final answer as the
+authors' `paper` rule compares it (as written, commas removed). Nothing is skipped: a line that
+cannot be used raises `DataError` naming the file, the line and what to fix.
 
 Prompt. `make_prompt` writes the question, a space, then the instruction (default: the authors'
 `Let's think step by step and output the final answer after "####".`, joined with a space exactly
 as in their verl preprocessing script) into the Qwen chat format of model.py.
 
-Answer checks, given a completion's text:
+Answer checks, given a completion's text (docs/grpo.md, "Which reward is the paper's", compares
+the first two with lm-eval-harness on example endings):
 
-    strict    the number after the LAST well-formed `#### <number>` (the paper's reward)
+    strict    lenient: the number after the LAST `#### <number>`, spaces and `$` allowed after
+              `####`, read as a number (the default and the toy runs' reward)
+    paper     the authors' rule (verl's GSM8K reward, method "strict", their `gsm8k-paper` runs):
+              the characters after the LAST `#### ` (one space) in the last 300 characters, if
+              they are `-`, digits, `.` and `,`; commas removed, compared as a STRING with
+              `Problem.reference`, so `#### 072`, `#### 72.0`, `####72` and `#### $72` are wrong
     flexible  the last number anywhere in the text (reported next to strict: part of a
               strict-check gain is only format)
-    boxed     the content of the last `\\boxed{...}` (nested braces matched), for MATH-style data
+    boxed     the content of the last `\\boxed{...}` (nested braces matched), for MATH-style data;
+              an empty `\\boxed{}` is no answer
 
-Numbers are normalised before comparing: `$`, thousands commas, a leading `+`, a trailing `%` and
-surrounding spaces are dropped, and the value is compared exactly as a fraction, so
-`1,234.50` == `1234.5`, `72.00` == `72`, `3/4` == `0.75` == `\\frac{3}{4}`. A percentage is
-compared as its number (`50%` == `50`), because GSM8K writes percentage answers without the sign.
-Non-numeric boxed answers (`\\sqrt{2}`, `x+1`) are compared as strings after removing spaces and
-`\\left`/`\\right`/`\\dfrac`-style spelling variants; this is not a symbolic-equivalence checker.
+Numbers are normalised before comparing (every check but `paper`): surrounding spaces, `$` and
+`\\$`, thousands commas, a leading `+`, a trailing `%` or `\\%`, and a trailing `\\text{...}`
+unit (`72 \\text{ apples}`) are dropped, and the value is compared exactly as a fraction, so
+`1,234.50` == `1234.5`, `72.00` == `72`, `3/4` == `0.75` == `\\frac{3}{4}` == `\\frac34`. A
+percentage is compared as its number (`50%` == `50`), because GSM8K writes percentage answers
+without the sign. Non-numeric boxed answers (`\\sqrt{2}`, `x+1`) are compared as strings after
+removing spaces and `\\left`/`\\right`/`\\dfrac`-style spelling variants; this is not a
+symbolic-equivalence checker.
 
 Reward: 1.0 for a correct answer, else `format_bonus` (0 by default) when the check found an
 answer at all (for strict: a well-formed `#### N`), else 0. No answer check raises on any string.
@@ -53,6 +63,15 @@ class Problem:
     target: str  # normalised final answer, comparable with `normalize_answer(...)` of a completion's
     demonstration: str | None = None  # text to imitate for SFT (load_problems' sft_field), else None
 
+    @property
+    def reference(self):
+        """The final answer as the authors' `paper` rule compares it: what their verl preprocessing
+        stores, the number after the first `#### ` of the solution with commas removed
+        (`#### 1,072` -> '1072'); `target` when there is none (`\\boxed{}` and bare answers, or a
+        `####72` the authors' regex cannot read)."""
+        match = _PAPER_RE.search(self.answer_text)
+        return match.group(1).replace(",", "") if match else self.target
+
 
 # --------------------------------------------------------------------------------------------
 # Numbers and their normal form
@@ -66,7 +85,12 @@ NUMBER = rf"(?:(?<![\w)])[-+])?\$?{_DECIMAL}(?:\s*/\s*{_DECIMAL})?%?"
 _NUMBER_RE = re.compile(NUMBER, re.ASCII)
 _STRICT_RE = re.compile(rf"####[ \t]*\$?[ \t]*({NUMBER})", re.ASCII)
 _PLAIN_RE = re.compile(rf"[-+]?{_DECIMAL}", re.ASCII)
-_LATEX_FRAC_RE = re.compile(r"(-?)\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+# \frac{3}{4}, \dfrac{3}{4}, \frac34 (spaces already removed): an argument is `{...}` or one digit
+_LATEX_FRAC_RE = re.compile(r"(-?)\\[dt]?frac(\{[^{}]*\}|\d)(\{[^{}]*\}|\d)")
+_TEXT_UNIT_RE = re.compile(r"\\(?:text|mbox)\{[^{}]*\}$")  # 72\text{apples}: a unit after the number
+# The authors' rule (verl): `#### `, one space, then the characters of a number.
+_PAPER_RE = re.compile(r"#### (-?[0-9.,]+)")
+PAPER_CLIP_CHARS = 300  # verl reads only the last 300 characters of a completion
 
 
 def _to_fraction(text):
@@ -97,11 +121,15 @@ def _format(value):
 
 def normalize_number(text):
     """Canonical text of a written number, or None when `text` is not one number.
-    '$1,234.50' -> '1234.5', '+72.00' -> '72', '3/4' and '\\frac{3}{4}' -> '0.75', '50%' -> '50',
-    '1/3' -> '1/3'."""
-    text = text.strip().replace("$", "").replace(" ", "").removesuffix("%").removeprefix("+")
+    '$1,234.50' and '\\$1,234.50' -> '1234.5', '+72.00' -> '72', '3/4', '\\frac{3}{4}' and '\\frac34'
+    -> '0.75', '50%' and '50\\%' -> '50', '72 \\text{ apples}' -> '72', '1/3' -> '1/3'."""
+    text = text.strip().replace(" ", "").replace("\\$", "$").replace("\\%", "%")
+    text = _TEXT_UNIT_RE.sub("", text).replace("$", "").removesuffix("%").removeprefix("+")
     latex = _LATEX_FRAC_RE.fullmatch(text)
-    num, _, den = (latex.group(1) + latex.group(2), "/", latex.group(3)) if latex else text.partition("/")
+    if latex:
+        num, den = latex.group(1) + latex.group(2).strip("{}"), latex.group(3).strip("{}")
+    else:
+        num, _, den = text.partition("/")
     num = _to_fraction(num)
     if num is None:
         return None
@@ -135,6 +163,17 @@ def extract_strict(text):
     return normalize_number(matches[-1]) if matches else None
 
 
+def extract_paper(text):
+    """The authors' rule, verl's `extract_solution(method="strict")`: in the last PAPER_CLIP_CHARS
+    characters of the text, the characters after the LAST `#### ` (exactly one space) that are
+    `-`, digits, `.` or `,`, with the commas removed; None when there is no such `#### `. The
+    result is not normalised: it is compared as a string with `Problem.reference`, so '072',
+    '72.0' and '72.' (a full stop read into the number) are not '72'. Any match is an answer,
+    even `#### .`, as in verl."""
+    matches = _PAPER_RE.findall(text[-PAPER_CLIP_CHARS:])
+    return matches[-1].replace(",", "") if matches else None
+
+
 def extract_flexible(text):
     """Normalised last number in the text, or None."""
     matches = _NUMBER_RE.findall(text)
@@ -157,12 +196,15 @@ def last_boxed(text):
 
 
 def extract_boxed(text):
-    """Normalised content of the last `\\boxed{...}`, or None."""
+    """Normalised content of the last `\\boxed{...}`, or None; an empty box (`\\boxed{}`,
+    `\\boxed{ }`) is no answer, so it earns no format bonus."""
     content = last_boxed(text)
-    return None if content is None else normalize_answer(content)
+    if content is None:
+        return None
+    return normalize_answer(content) or None
 
 
-EXTRACTORS = {"strict": extract_strict, "flexible": extract_flexible, "boxed": extract_boxed}
+EXTRACTORS = {"strict": extract_strict, "paper": extract_paper, "flexible": extract_flexible, "boxed": extract_boxed}
 
 
 def check_mode(mode):
@@ -170,8 +212,15 @@ def check_mode(mode):
         raise ValueError(f"answer check {mode!r}: use one of {sorted(EXTRACTORS)}")
 
 
+def reward_target(problem, mode):
+    """What `mode` compares a completion's answer with: the reference as the authors wrote it for
+    `paper` (a string rule), the normalised target for every other check."""
+    return problem.reference if mode == "paper" else problem.target
+
+
 def is_correct(completion, target, mode="strict"):
-    """Does the answer that `mode` finds in `completion` equal `target` (already normalised)?"""
+    """Does the answer that `mode` finds in `completion` equal `target` (`reward_target(problem,
+    mode)`: normalised for every check but `paper`)?"""
     check_mode(mode)
     answer = EXTRACTORS[mode](completion)
     return answer is not None and answer == target

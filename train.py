@@ -69,7 +69,7 @@ PRESETS = {
     "gsm8k-paper": dict(system=None, method="tinylora", u=1, n_tie=16, lr=2e-3, epochs=3, prompts_per_step=64,
                         samples=4, max_new_tokens=4096, clip_high=0.4, tis_cap=2.0, mini_batches=2,
                         micro_batch=8, dtype="bfloat16", weight_decay=0.01, warmup=0.05, kl_beta=0.0,
-                        eval_batch=64, max_grad_norm=1.0),
+                        eval_batch=64, max_grad_norm=1.0, reward="paper"),
 }
 
 DEFAULTS = dict(  # used when neither the command line nor the preset sets a value
@@ -131,8 +131,9 @@ def parse_args(argv=None):
     g.add_argument("--tis-cap", type=float, help="truncated importance-sampling cap (0 = off)")
     g.add_argument("--kl-beta", type=float, help="weight of the k3 KL to the base model (0 = off)")
     g.add_argument("--agg", choices=grpo.AGGREGATIONS, help="loss normalisation: token-mean (DAPO), seq-mean (GRPO), constant (Dr. GRPO)")
-    g.add_argument("--reward", choices=sorted(data.EXTRACTORS), help="answer check of the reward: strict (last '#### N', "
-                   "the paper's), flexible (last number) or boxed (MATH)")
+    g.add_argument("--reward", choices=sorted(data.EXTRACTORS), help="answer check of the reward (docs/grpo.md): strict "
+                   "(lenient: last '#### N' read as a number), paper (the authors' verl rule: last '#### N' in the last "
+                   "300 characters, compared as a string), flexible (last number) or boxed (last \\boxed{}, MATH)")
     g.add_argument("--adv-scale", choices=grpo.ADVANTAGE_SCALES, help="divide advantages by the group std, or not (Dr. GRPO)")
     g.add_argument("--mini-batches", type=int, help="optimizer steps per rollout batch")
     g.add_argument("--micro-batch", type=int, help="completions per forward/backward (memory; per process)")
@@ -429,7 +430,8 @@ def grpo_step(net, tok, adapter, optimizer, batch, s, step):
                        seeds=seeds)
     targets = [p.target for p in batch for _ in range(s.samples)]
     scores = data.score(out.texts, targets)  # accuracy is always reported strict and flexible
-    rewards = scores.rewards if s.reward == "strict" else data.score(out.texts, targets, s.reward).rewards
+    references = [data.reward_target(p, s.reward) for p in batch for _ in range(s.samples)]
+    rewards = [data.reward(text, reference, s.reward) for text, reference in zip(out.texts, references)]
     cfg = grpo.GRPOConfig(num_samples=s.samples, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                           top_p=s.top_p, adv_scale=s.adv_scale, agg=s.agg, constant_norm=s.max_new_tokens,
                           clip_low=s.clip_low, clip_high=s.clip_high, tis_cap=s.tis_cap or None, kl_beta=s.kl_beta,

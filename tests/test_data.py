@@ -1,12 +1,15 @@
 """data.py: answer extraction and normalisation, rewards, problem files, prompts."""
 
 import json
+import os
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import data
 from model import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (completion, strict, flexible): the normalised answer each check finds, None for no answer.
 EXTRACTION_CASES = [
@@ -58,6 +61,13 @@ BOXED_CASES = [
     (r"\fbox{7}", "7"),
     (r"\boxed{2", None),  # braces never close
     ("no box here 5", None),
+    (r"\boxed{\$72}", "72"),  # LaTeX's escaped dollar and percent are dropped like the plain ones
+    (r"\boxed{72\%}", "72"),
+    (r"\boxed{72 \text{ apples}}", "72"),  # a unit after the number
+    (r"\boxed{\frac12}", "0.5"),  # LaTeX reads \frac12 as \frac{1}{2}
+    (r"\boxed{\frac 1{4}}", "0.25"),
+    (r"\boxed{}", None),  # an empty box is no answer
+    (r"\boxed{ }", None),
 ]
 
 
@@ -70,6 +80,8 @@ def test_boxed_extraction(text, expected):
     ("72", "72"), ("0072", "72"), ("72.0", "72"), ("-0", "0"), ("$ 1,000", "1000"), ("1,000.25", "1000.25"),
     ("6/8", "0.75"), ("-3/4", "-0.75"), ("1.5/0.5", "3"), ("2/3", "2/3"), ("\\frac{6}{8}", "0.75"),
     ("1/0", None), ("1,00", None), ("abc", None), ("", None), ("1.2.3", None),
+    ("\\$ 1,000", "1000"), ("12.5\\%", "12.5"), ("\\frac34", "0.75"), ("\\tfrac{3}4", "0.75"), ("7 \\text{cm}", "7"),
+    ("\\frac123", None), ("\\text{7}", None),
 ])
 def test_normalize_number(written, canonical):
     assert data.normalize_number(written) == canonical
@@ -84,8 +96,86 @@ def test_reward_is_exact_match_with_optional_format_bonus():
     assert data.reward("... #### 18", "18", format_bonus=0.1) == 1.0
     assert data.reward("no answer at all", "18", format_bonus=0.1) == 0.0
     assert data.reward(r"\boxed{\frac{1}{2}}", "0.5", mode="boxed") == 1.0
-    with pytest.raises(ValueError, match="strict"):
+    with pytest.raises(ValueError, match="'boxed', 'flexible', 'paper', 'strict'"):
         data.reward("#### 1", "1", mode="exact")
+
+
+def test_an_empty_box_earns_no_format_bonus():
+    assert data.reward(r"so \boxed{}", "72", mode="boxed", format_bonus=0.5) == 0.0
+    assert data.reward(r"so \boxed{71}", "72", mode="boxed", format_bonus=0.5) == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# The lenient `strict` rule and the authors' `paper` rule: the table of docs/grpo.md
+
+# (label in the docs, completion, reference solution, strict cell, paper cell); a cell is what the
+# rule reads, with a tick when it is right, or "✗ none" when it finds no answer.
+REWARD_TABLE = [
+    ("`#### 72`", "so #### 72", "#### 72", "✓ `72`", "✓ `72`"),
+    ("`####72`", "so ####72", "#### 72", "✓ `72`", "✗ none"),
+    ("`####  72` (two spaces)", "so ####  72", "#### 72", "✓ `72`", "✗ none"),
+    ("`#### $72`", "so #### $72", "#### 72", "✓ `72`", "✗ none"),
+    ("`#### 072`", "so #### 072", "#### 72", "✓ `72`", "✗ `072`"),
+    ("`#### 72.0`", "so #### 72.0", "#### 72", "✓ `72`", "✗ `72.0`"),
+    ("`#### 72.` (a full stop)", "so #### 72.", "#### 72", "✓ `72`", "✗ `72.`"),
+    ("`#### +72`", "so #### +72", "#### 72", "✓ `72`", "✗ none"),
+    ("`#### 72 apples`", "so #### 72 apples", "#### 72", "✓ `72`", "✓ `72`"),
+    ("`#### 50%`", "so #### 50%", "#### 50", "✓ `50`", "✓ `50`"),
+    ("`#### 12/4`", "so #### 12/4", "#### 3", "✓ `3`", "✗ `12`"),
+    ("`#### 12,5`", "so #### 12,5", "#### 125", "✗ `12`", "✓ `125`"),
+    ("`#### 1,234`", "so #### 1,234", "#### 1,234", "✓ `1234`", "✓ `1234`"),
+    ("`#### 1234`", "so #### 1234", "#### 1,234", "✓ `1234`", "✓ `1234`"),
+    ("`#### -5`", "so #### -5", "#### -5", "✓ `-5`", "✓ `-5`"),
+    ("`#### 72`, then 300 characters of text", "so #### 72\n" + "Let me double-check. " * 15, "#### 72", "✓ `72`",
+     "✗ none"),
+    ("`#### 5`, later `#### 72`", "#### 5 is wrong, so #### 72", "#### 72", "✓ `72`", "✓ `72`"),
+    ("`\\boxed{72}`", "so \\boxed{72}", "#### 72", "✗ none", "✗ none"),
+]
+
+
+def reward_cell(completion, problem, mode):
+    """What the docs table says about `completion` under `mode`, computed by the code."""
+    answer = data.EXTRACTORS[mode](completion)
+    target = data.reward_target(problem, mode)
+    right = data.is_correct(completion, target, mode)
+    assert data.reward(completion, target, mode, format_bonus=0.5) == (1.0 if right else 0.0 if answer is None else 0.5)
+    return "✗ none" if answer is None else f"{'✓' if right else '✗'} `{answer}`"
+
+
+@pytest.mark.parametrize("label, completion, solution, strict, paper", REWARD_TABLE)
+def test_each_reward_table_row_under_the_lenient_and_the_authors_rule(label, completion, solution, strict, paper):
+    problem = data.Problem("q", solution, data.final_answer(solution))
+    assert reward_cell(completion, problem, "strict") == strict
+    assert reward_cell(completion, problem, "paper") == paper
+
+
+def test_the_docs_reward_table_is_the_tested_table():
+    text = open(os.path.join(ROOT, "docs", "grpo.md"), encoding="utf-8").read()
+    section = text.split("## Which reward is the paper's\n")[1].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            for line in section.splitlines() if line.startswith("| ")][1:]  # [1:]: the header
+    assert [row[:4] for row in rows] == [[label, f"`{solution}`", strict, paper]
+                                         for label, _, solution, strict, paper in REWARD_TABLE]
+
+
+def test_the_paper_rule_reads_only_the_last_300_characters():
+    tail = "x" * (data.PAPER_CLIP_CHARS - len("#### 72"))
+    assert data.extract_paper("#### 72" + tail) == "72"  # `#### 72` opens the last 300 characters
+    assert data.extract_paper("#### 72" + tail + "x") is None  # one more: the clip cuts into `####`
+    assert data.extract_strict("#### 72" + tail + "x") == "72"  # the lenient rule reads the whole text
+
+
+def test_reference_is_the_solutions_number_as_written(tmp_path):
+    """`paper` compares with the reference as the authors' preprocessing stores it (commas removed,
+    nothing else); solutions without a readable `#### N` fall back to the normalised target."""
+    answers = ["48/2 = 24\n#### 1,072", "#### 72.50", r"so $\boxed{\frac{3}{4}}$", " 12.50 ", "####$18"]
+    path = write_lines(tmp_path, [json.dumps({"question": "q", "answer": a}) for a in answers])
+    problems = data.load_problems(path)
+    assert [p.reference for p in problems] == ["1072", "72.50", "0.75", "12.5", "18"]
+    assert [p.target for p in problems] == ["1072", "72.5", "0.75", "12.5", "18"]
+    assert data.reward("so #### 72.50", data.reward_target(problems[1], "paper"), "paper") == 1.0
+    assert data.reward("so #### 72.5", data.reward_target(problems[1], "paper"), "paper") == 0.0  # a string rule
+    assert data.reward("so #### 72.5", data.reward_target(problems[1], "strict"), "strict") == 1.0
 
 
 def test_score_reports_rewards_and_both_accuracies():

@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import grpo
 import train
 from conftest import write_checkpoint
@@ -68,6 +70,33 @@ def test_short_grpo_run_on_a_real_checkpoint_writes_every_output(setup, tmp_path
 def test_training_time_adds_up_the_sessions_of_a_resumed_run():
     clock = [1.0, 2.0, 3.0, 0.5, 1.5]  # a run stopped after step 3, resumed for 2 more steps
     assert train.train_seconds([{"time": t} for t in clock]) == 3.0 + 1.5
+
+
+def test_the_paper_preset_trains_with_the_authors_reward_and_the_default_with_the_lenient_one():
+    assert train.parse_args(["--preset", "gsm8k-paper", "--model", "m"]).reward == "paper"
+    assert train.parse_args(["--preset", "gsm8k-paper", "--model", "m", "--reward", "strict"]).reward == "strict"
+    assert train.parse_args([]).reward == "strict"  # the toy preset
+    assert train.parse_args(["--model", "m"]).reward == "strict"
+
+
+def test_grpo_step_rewards_the_paper_rule_against_the_reference_as_written(monkeypatch):
+    """--reward paper compares strings with Problem.reference ('72.50', as the solution writes it), not
+    with the normalised target ('72.5'); --reward strict compares numbers."""
+    texts = ["so #### 72.50", "so #### 72.5", "so ####72.50", "so #### 72.50 apples"]
+    rewards = []  # what each step hands to grpo_update
+    monkeypatch.setattr(grpo, "rollout", lambda *a, **k: SimpleNamespace(texts=texts, lengths=torch.ones(4)))
+
+    def update(net, out, r, *a, **k):
+        rewards.append(list(r))
+        return SimpleNamespace(clip_frac=0.0, kl=0.0, zero_adv_groups=0.0, grad_norm=0.0, loss=0.0)
+
+    monkeypatch.setattr(grpo, "grpo_update", update)
+    problem = data.Problem("q", "2 x 36.25 = 72.50\n#### 72.50", "72.5")
+    tok = SimpleNamespace(encode_chat=lambda user, system: [1, 2, 3])
+    for reward in ("paper", "strict"):
+        s = train.parse_args(["--model", "m", "--reward", reward, "--samples", "4", "--prompts-per-step", "1"])
+        train.grpo_step(None, tok, None, None, [problem], s, step=0)
+    assert rewards == [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
 
 
 def test_sft_and_eval_only_with_the_trained_adapter(setup, tmp_path, capsys):
