@@ -567,6 +567,7 @@ def save_adapter(adapter, path, dtype=torch.float32):
                 "base_fingerprint": adapter.base_fingerprint, "num_trainable": str(adapter.num_trainable)}
     if adapter.svd_reports:  # how exact the frozen factors were (per module: the SVD cache's metadata)
         metadata["svd"] = svd_summary(adapter.svd_reports)
+        metadata["sign_anchors"] = json.dumps(sign_anchors(adapter))
     _atomic_save({k: p.detach().to(dtype).contiguous().cpu() for k, p in adapter.tensors.items()}, path, metadata)
     return adapter_size(path)
 
@@ -612,11 +613,44 @@ def load_adapter(model, path, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
             c = config
             raise AdapterError(f"{path}: tensor {name!r} is {found}, the metadata ({c.method}, r={c.r}, u={c.u}, "
                                f"n_tie={c.n_tie}, {c.tiling}) implies {shapes.get(name, 'no such tensor')}")
+    try:
+        anchors = json.loads(meta.get("sign_anchors", "[]"))
+        rows = {t.name: t.linear.weight.shape[0] for t in find_targets(model, config.targets)}
+        if not all(name in rows and 0 <= k < config.r and 0 <= row < rows[name] for name, k, row in anchors):
+            raise ValueError("a module, column or row that this model does not have")
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{path}: metadata 'sign_anchors' is invalid ({e}); it should be a JSON list of "
+                           "[module name, column, row]") from None
     adapter, _ = attach(model, config, cache_dir=cache_dir, quiet=quiet)
+    targets = {t.name: t for t in adapter.targets}
+    for name, k, row in anchors:  # the column's sign as it was in training (see sign_anchors)
+        t = targets[name]
+        if t.U[row, k] < 0:
+            t.U, t.Vh = t.U.clone(), t.Vh.clone()
+            t.U[:, k], t.Vh[k] = -t.U[:, k], -t.Vh[k]
     with torch.no_grad():
         for name, p in adapter.tensors.items():
             p.copy_(tensors[name])
     return adapter
+
+
+def sign_anchors(adapter):
+    """[[module name, column k, row]] for the U columns whose sign another machine could set the
+    other way; `save_adapter` stores them and `load_adapter` re-applies them (u_k[row] > 0).
+    The sign rule (largest-|.| entry of u_k positive) is decided by one entry; the u_k of two runs
+    differ by up to ~2 svd_tol (each is within sine svd_tol of the exact one), so if an entry of
+    the other sign is within 4 sqrt(2) max(svd_tol, the module's sine bound) of the largest, the
+    rule could flip u_k, and v would mean another update. Its anchor is the row of the largest
+    entry: that entry is large, so its sign cannot flip. Usually an empty list."""
+    anchors = []
+    for t in adapter.targets:
+        margin = 4 * math.sqrt(2) * min(max(adapter.config.svd_tol, adapter.svd_reports[t.name]["sine_bound"]), 1.0)
+        for k in range(t.U.shape[1]):
+            u = t.U[:, k]
+            row = int(u.abs().argmax())  # u[row] > 0
+            if float((-u).max()) >= float(u[row]) - margin:
+                anchors.append([t.name, k, row])
+    return anchors
 
 
 def export_peft(adapter, out_dir, dtype=torch.float32, base_model_name_or_path=None):

@@ -430,7 +430,9 @@ def rewrite(path, tensors=None, **meta_changes):
     (dict(config={"tiling": "zigzag"}), "tiling"),
     (dict(format_version="9"), "version"),
     (dict(config={"r": 99}), "r=99"),
-    (dict(config={"svd_niter": 4}), "svd_niter")])  # made by the fixed 4-pass SVD: another subspace
+    (dict(config={"svd_niter": 4}), "svd_niter"),  # made by the fixed 4-pass SVD: another subspace
+    (dict(sign_anchors='[["model.layers.9.mlp.up_proj", 0, 0]]'), "sign_anchors"),
+    (dict(sign_anchors='{"k": 1}'), "sign_anchors")])
 def test_inconsistent_file_is_refused_with_its_name(tiny_ckpt, tmp_path, edit, message):
     model = load_model(tiny_ckpt[0], device="cpu")
     adapter, _ = attach(model, TinyLoRAConfig(n_tie=2), cache_dir=None, quiet=True)
@@ -463,3 +465,49 @@ def test_peft_export_reproduces_the_adapted_logits(tiny_ckpt, tmp_path, method):
                 assert A.shape == (2, W.shape[1]) and B.shape == (W.shape[0], 2)
                 W += peft["lora_alpha"] / peft["r"] * B @ A
     torch.testing.assert_close(fresh(ids()), model(ids()), atol=1e-5, rtol=0)
+
+
+def test_sign_anchors_keep_the_meaning_of_v_when_another_machine_flips_a_column(tmp_path, monkeypatch):
+    """A U column whose two largest |entries| tie with opposite signs: the sign rule is decided by
+    rounding, so another machine may flip it (and v would mean another update). The file anchors
+    that column's sign; loading re-applies it. Other machines are simulated by a truncated_svd
+    that returns the column flipped."""
+    def model_with_a_sign_tie():
+        model = tiny_model()
+        first = torch.tensor([1.0, -1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02], dtype=torch.float64)  # |u_0| ties
+        U = torch.linalg.qr(torch.cat([first[:, None], torch.randn(8, 7, generator=torch.Generator().manual_seed(0),
+                                                                    dtype=torch.float64)], 1)).Q
+        V = torch.linalg.qr(torch.randn(16, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).Q
+        with torch.no_grad():  # layer 0 k_proj [8, 16]: s = 1, 0.6, 0.3, ...
+            model.model.layers[0].self_attn.k_proj.weight.copy_((U * torch.tensor([1.0, 0.6, 0.3, 0.2, 0.1, 0.05, 0.03, 0.01],
+                                                                                  dtype=torch.float64)) @ V.T)
+        return model
+
+    model = model_with_a_sign_tie()
+    adapter, _ = attach(model, TinyLoRAConfig(n_tie=2), cache_dir=None, quiet=True)
+    randomize(adapter)
+    adapted = model(ids())
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(adapter, path)
+    with safe_open(path, "pt") as f:
+        anchors = json.loads(f.metadata()["sign_anchors"])
+    assert ["model.layers.0.self_attn.k_proj", 0, anchors[0][2]] in anchors and anchors[0][2] in (0, 1)
+    assert len(anchors) < 5  # only the columns that need it
+
+    svd = tinylora.truncated_svd
+
+    def other_machine(W, r, *args, seed=0, **kwargs):  # k_proj of layer 0 has index 1
+        U, S, Vh, report = svd(W, r, *args, seed=seed, **kwargs)
+        if seed == 1:
+            U, Vh = U.clone(), Vh.clone()
+            U[:, 0], Vh[0] = -U[:, 0], -Vh[0]
+        return U, S, Vh, report
+
+    monkeypatch.setattr(tinylora, "truncated_svd", other_machine)
+    loaded = model_with_a_sign_tie()
+    load_adapter(loaded, path, cache_dir=None, quiet=True)
+    torch.testing.assert_close(loaded(ids()), adapted, rtol=0, atol=1e-6)
+    rewrite(path, sign_anchors="[]")  # without the anchor the flipped column changes the model
+    unanchored = model_with_a_sign_tie()
+    load_adapter(unanchored, path, cache_dir=None, quiet=True)
+    assert not torch.allclose(unanchored(ids()), adapted, atol=1e-3)
