@@ -112,6 +112,8 @@ class TinyLoRAConfig:
         for key in ("seed", "svd_oversample", "svd_max_iter"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 bad(key, "must be an integer >= 0")
+        if self.svd_max_iter > 1000:  # the exact SVD is cheaper long before that
+            bad("svd_max_iter", "must be at most 1000")
         if not (isinstance(self.svd_tol, (int, float)) and 0 < self.svd_tol < 1):
             bad("svd_tol", "must be a number in (0, 1), e.g. 1e-4")
         if not math.isfinite(self.scale):
@@ -342,12 +344,18 @@ def svd_factors(targets, config, model_fingerprint, cache_dir=DEFAULT_CACHE_DIR,
         except (OSError, SafetensorError, ValueError) as e:
             print(f"tinylora: ignoring unreadable SVD cache {path} ({e})", file=sys.stderr)
             cached = {}
-    if all(f"{t.name}.{f}" in cached for t in targets for f in ("U", "S", "Vh")) and all(t.name in reports for t in targets):
+    problem = _cache_problem(cached, reports, targets, c.r) if cached else "empty"
+    if problem is None:
         for t in targets:
             t.U, t.S, t.Vh = (cached[f"{t.name}.{f}"] for f in ("U", "S", "Vh"))
         return {t.name: reports[t.name] for t in targets}
+    if cached:
+        print(f"tinylora: ignoring the SVD cache {path} ({problem}); recomputing it", file=sys.stderr)
     start = last = time.monotonic()
     for n, t in enumerate(targets, 1):
+        if not torch.isfinite(t.linear.weight).all():
+            raise AdapterError(f"{t.name}.weight holds NaN or inf values: the checkpoint is damaged; re-download or "
+                               "re-convert it")
         t.U, t.S, t.Vh, reports[t.name] = truncated_svd(t.linear.weight.detach().float(), c.r, c.svd == "exact",
                                                        c.svd_oversample, c.svd_tol, c.svd_max_iter, seed=t.index)
         if not quiet and time.monotonic() - last > 2:
@@ -373,6 +381,27 @@ def svd_factors(targets, config, model_fingerprint, cache_dir=DEFAULT_CACHE_DIR,
         except OSError as e:
             print(f"tinylora: could not write the SVD cache {path} ({e}); the next run recomputes it", file=sys.stderr)
     return reports
+
+
+def _cache_problem(cached, reports, targets, r):
+    """What is wrong with cached factors for `targets`, or None: every module's U [out, r], S [r],
+    Vh [r, in] present, finite, S descending and >= 0, U and V orthonormal; a report for each."""
+    for t in targets:
+        out, inp = t.linear.weight.shape
+        U, S, Vh = (cached.get(f"{t.name}.{f}") for f in ("U", "S", "Vh"))
+        report = reports.get(t.name) if isinstance(reports, dict) else None
+        if U is None or S is None or Vh is None or not isinstance(report, dict):
+            return f"{t.name} is missing"
+        if not {"method", "passes", "sine_bound", "gap"} <= report.keys():
+            return f"{t.name}'s report is incomplete"
+        if (U.shape, S.shape, Vh.shape) != ((out, r), (r,), (r, inp)):
+            return f"{t.name} has the wrong shapes"
+        eye = torch.eye(r, device=U.device)
+        if not (torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all() and (S >= 0).all()
+                and (S[:-1] >= S[1:]).all() and torch.allclose(U.T @ U, eye, atol=1e-4)
+                and torch.allclose(Vh @ Vh.T, eye, atol=1e-4)):
+            return f"{t.name}'s factors are not a valid SVD (non-finite, unsorted or not orthonormal)"
+    return None
 
 
 def svd_summary(reports):

@@ -103,7 +103,7 @@ def test_tie_groups_tiled_and_structured():
     (dict(targets=()), "targets"), (dict(u=0), "u"), (dict(n_tie=0), "n_tie"), (dict(r=0), "r"),
     (dict(method="lora", n_tie=2), "n_tie"), (dict(method="lora-xs", u=3), "u"), (dict(svd="full"), "svd"),
     (dict(dtype=torch.int8), "dtype"), (dict(scale=float("nan")), "scale"), (dict(svd_tol=0.0), "svd_tol"),
-    (dict(svd_tol=2), "svd_tol"), (dict(svd_max_iter=-1), "svd_max_iter")])
+    (dict(svd_tol=2), "svd_tol"), (dict(svd_max_iter=-1), "svd_max_iter"), (dict(svd_max_iter=10**7), "svd_max_iter")])
 def test_invalid_config_is_refused_in_one_line(kwargs, word):
     with pytest.raises(ValueError, match=word) as e:
         TinyLoRAConfig(**kwargs)
@@ -363,6 +363,37 @@ def test_svd_cache_is_read_on_the_second_attach(tiny_ckpt, tmp_path, monkeypatch
             attach(load_model(tiny_ckpt[0], device="cpu"), TinyLoRAConfig(**other), cache_dir=str(tmp_path), quiet=True)
 
 
+@pytest.mark.parametrize("damage", ["zeroed U", "NaN in S", "report missing", "U missing"])
+def test_damaged_svd_cache_is_recomputed_not_trusted(tiny_ckpt, tmp_path, capsys, damage):
+    first, _ = attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=str(tmp_path), quiet=True)
+    (path,) = [str(p) for p in tmp_path.iterdir()]
+    with safe_open(path, "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    name = "model.layers.1.mlp.down_proj"
+    if damage == "zeroed U":
+        tensors[f"{name}.U"].zero_()
+    elif damage == "NaN in S":
+        tensors[f"{name}.S"][0] = float("nan")
+    elif damage == "report missing":
+        meta["reports"] = json.dumps({k: v for k, v in json.loads(meta["reports"]).items() if k != name})
+    else:
+        del tensors[f"{name}.U"]
+    save_file(tensors, path, metadata=meta)
+    second, _ = attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=str(tmp_path), quiet=True)
+    assert f"ignoring the SVD cache {path}" in capsys.readouterr().err
+    for a, b in zip(first.targets, second.targets):
+        assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
+
+
+def test_a_weight_with_nan_is_refused_naming_the_module():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[2, 3] = float("nan")
+    with pytest.raises(AdapterError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight holds NaN") as e:
+        attach(model, cache_dir=None, quiet=True)
+    assert "\n" not in str(e.value)
+
+
 def test_svd_cache_of_another_algorithm_version_is_not_reused(tiny_ckpt, tmp_path, monkeypatch):
     attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=str(tmp_path), quiet=True)
     monkeypatch.setattr(tinylora, "SVD_VERSION", "1")  # factors made by the fixed 4-pass SVD had this version
@@ -431,6 +462,7 @@ def rewrite(path, tensors=None, **meta_changes):
     (dict(format_version="9"), "version"),
     (dict(config={"r": 99}), "r=99"),
     (dict(config={"svd_niter": 4}), "svd_niter"),  # made by the fixed 4-pass SVD: another subspace
+    (dict(config={"svd_max_iter": 10**7}), "svd_max_iter"),  # untrusted numbers are bounded
     (dict(sign_anchors='[["model.layers.9.mlp.up_proj", 0, 0]]'), "sign_anchors"),
     (dict(sign_anchors='{"k": 1}'), "sign_anchors")])
 def test_inconsistent_file_is_refused_with_its_name(tiny_ckpt, tmp_path, edit, message):
