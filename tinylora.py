@@ -500,11 +500,12 @@ class Adapter:
             with torch.no_grad():
                 for t in self.targets if self.config.method != "full" else []:
                     W = t.linear.weight
-                    A, C, B = self.factors(t)
+                    acc = torch.promote_types(W.dtype, torch.float32)  # fp32, or fp64 for fp64 weights
+                    A, C, B = self.factors(t, acc)
                     A, B = A.detach().clone(), (B @ C).detach()  # dW = B @ A from here on
                     dW = _outer_sum(B, A)
-                    merged = (W.float() + dW).to(W.dtype)
-                    lost = (_bits((merged.float() - dW).to(W.dtype)) != _bits(W)).view(-1).nonzero()[:, 0]
+                    merged = (W.to(acc) + dW).to(W.dtype)
+                    lost = (_bits((merged.to(acc) - dW).to(W.dtype)) != _bits(W)).view(-1).nonzero()[:, 0]
                     index = lost.to(torch.int32 if W.numel() < 2**31 else torch.int64)
                     t.restore = (A, B, index, W.view(-1)[lost].clone())
                     W.copy_(merged)
@@ -515,7 +516,7 @@ class Adapter:
                     if t.restore is not None:
                         A, B, lost, original = t.restore
                         W = t.linear.weight
-                        restored = (W.float() - _outer_sum(B, A)).to(W.dtype)
+                        restored = (W.to(B.dtype) - _outer_sum(B, A)).to(W.dtype)
                         restored.view(-1)[lost.long()] = original
                         W.copy_(restored)
                         t.restore = None

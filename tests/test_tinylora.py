@@ -187,6 +187,20 @@ def test_merged_forward_equals_low_rank_forward_and_unmerge_is_bit_exact(tiny_ck
     assert lost > 0  # the rounding-correction path was exercised, not just the easy entries
 
 
+def test_merge_of_float64_weights_adds_the_update_in_float64():
+    """W_m = W + dW rounded once, in W's dtype: fp64 weights are not rounded through fp32 on the way."""
+    model = tiny_model(dtype=torch.float64)
+    adapter, _ = attach(model, TinyLoRAConfig(n_tie=3, dtype=torch.float64), cache_dir=None, quiet=True)
+    randomize(adapter, 0.5)
+    W = model.model.layers[1].mlp.down_proj.weight
+    original = W.clone()
+    eye = torch.eye(W.shape[1], dtype=torch.float64)
+    dW = (model.model.layers[1].mlp.down_proj(eye) - eye @ original.T).T.detach()  # the hook path's update, fp64
+    with adapter.merged():
+        torch.testing.assert_close(W - original, dW, rtol=0, atol=1e-12 * float(dW.detach().abs().max()))
+    assert torch.equal(W, original)
+
+
 def test_disabled_gives_the_base_model_and_contexts_do_not_nest():
     model = tiny_model()
     base = model(ids())
