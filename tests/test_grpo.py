@@ -232,8 +232,8 @@ def test_token_logprobs_keep_probs_matches_recompute(temperature, chunk):
         # the hidden states alone (lm_head frozen, as with an adapter)
         logp = grpo.TokenLogprobs.apply(hidden, weight.detach(), targets, temperature, chunk, keep)
         results[-1] += torch.autograd.grad(logp, hidden, upstream)
-    for recomputed, kept in zip(*results):
-        assert torch.allclose(kept, recomputed, rtol=1e-5, atol=1e-6)
+    for recomputed, kept in zip(*results):  # gradient entries are sums that may cancel: scale to the largest
+        torch.testing.assert_close(kept, recomputed, rtol=1e-5, atol=1e-6 * max(1.0, float(recomputed.abs().max())))
 
 
 def test_token_logprobs_keep_probs_refuses_a_second_backward():
@@ -255,8 +255,8 @@ def test_sequence_logprobs_keep_probs_matches_recompute(setup):
     for keep in (False, True):
         logp = grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, chunk_tokens=5, keep_probs=keep)
         results.append((logp, *torch.autograd.grad(logp, adapter.v, upstream)))
-    for recomputed, kept in zip(*results):
-        assert torch.allclose(kept, recomputed, rtol=0, atol=1e-6)
+    for recomputed, kept in zip(*results):  # log-probs, then the gradient (a sum over tokens): scaled to the largest
+        torch.testing.assert_close(kept, recomputed, rtol=0, atol=1e-6 * max(1.0, float(recomputed.abs().max())))
     with torch.no_grad():  # no graph, so no softmax is kept
         assert torch.equal(grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, 5, keep_probs=True),
                            results[0][0].detach())
