@@ -1,4 +1,5 @@
 """A Qwen2.5-compatible decoder in plain PyTorch: loader, tokenizer, batched KV-cache sampling.
+Also loads Llama 3.x and Qwen3 checkpoints: the same network with a few config-driven switches.
 
 The network (Qwen2 architecture, as used by every Qwen2.5 model):
 
@@ -10,6 +11,10 @@ The network (Qwen2 architecture, as used by every Qwen2.5 model):
 
 q/k/v projections carry a bias, o/gate/up/down do not. Attention is grouped-query: n_heads query
 heads share n_kv_heads key/value heads. RoPE uses the "rotate half" layout of Hugging Face.
+
+The other families (ModelConfig's last fields): Llama 3.x has no q/k/v bias and stretches RoPE's
+low frequencies (`rope_frequencies`); Qwen3 has no q/k/v bias and RMS-normalises each head of q
+and k before RoPE (`q_norm`, `k_norm`, weights [head_dim]).
 
 Parameter names are exactly the Hugging Face checkpoint names (`model.layers.3.self_attn.q_proj.weight`,
 ...), so loading a checkpoint is one `load_state_dict` with every name and shape checked first.
@@ -48,6 +53,12 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     dtype: str = "float32"  # the checkpoint's stored dtype
     eos_token_ids: list = field(default_factory=list)  # from config.json, if any
+    # what differs between the supported families (FAMILIES); the defaults are Qwen2's
+    model_type: str = "qwen2"  # config.json's model_type: "qwen2" (Qwen2, Qwen2.5), "llama" (Llama 3.x), "qwen3"
+    attention_bias: bool = True  # q/k/v projections carry a bias (Qwen2 yes; Llama 3, Qwen3 no)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    rope_llama3: tuple = ()  # Llama 3.x rope scaling: (factor, low_freq_factor, high_freq_factor,
+    #                          original_max_position_embeddings); () = plain RoPE
 
 
 class CheckpointError(ValueError):
@@ -57,10 +68,14 @@ class CheckpointError(ValueError):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+FAMILIES = {"qwen2": "Qwen2/Qwen2.5", "llama": "Llama 3.x", "qwen3": "Qwen3"}  # model_type -> what it is
+
+
 def read_config(path):
-    """Read a Qwen2 `config.json` in either layout (older: top-level `rope_theta`, `torch_dtype`;
-    newer transformers: `rope_parameters.rope_theta`, `dtype`). Refuses what this model does not
-    implement rather than silently computing something else."""
+    """Read a `config.json` of a supported family (FAMILIES) in either layout (older: top-level
+    `rope_theta`, `rope_scaling`, `torch_dtype`; newer transformers: `rope_parameters`, `dtype`).
+    Refuses what this model does not implement (other rope scalings, sliding windows, MoE, MLP
+    biases) rather than silently computing something else."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: missing; a checkpoint folder needs config.json")
@@ -69,19 +84,32 @@ def read_config(path):
             c = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if c.get("model_type") != "qwen2":
-        raise CheckpointError(f"{file}: model_type {c.get('model_type')!r} is not supported; only 'qwen2' (Qwen2/Qwen2.5) is")
+    family = c.get("model_type")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{file}: model_type {family!r} is not supported; supported: "
+                              + ", ".join(f"{k!r} ({v})" for k, v in FAMILIES.items()))
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(c.get(key), int) or c[key] <= 0:
             raise CheckpointError(f"{file}: key {key!r} must be a positive integer, got {c.get(key)!r}")
     if c.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{file}: hidden_act {c['hidden_act']!r} is not supported; only 'silu'")
+    if c.get("mlp_bias"):
+        raise CheckpointError(f"{file}: mlp_bias is not supported (no Llama 3.x or Qwen checkpoint has one)")
 
-    rope = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling") or {}
-    for rope_type in (rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
-        if rope_type not in (None, "default"):
-            raise CheckpointError(f"{file}: rope type {rope_type!r} is not supported; only plain RoPE (no rope_scaling)")
+    rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}  # newer layout: all in rope_parameters
+    kinds = {d.get("rope_type") or d.get("type") for d in (c.get("rope_scaling") or {}, c.get("rope_parameters") or {})}
+    kinds -= {None, "default"}
+    rope_type = kinds.pop() if len(kinds) == 1 else ("default" if not kinds else "/".join(sorted(kinds)))
+    llama3 = ()
+    if rope_type == "llama3" and family == "llama":
+        try:
+            llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                      int(rope["original_max_position_embeddings"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{file}: llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and "
+                                  f"original_max_position_embeddings ({e!r})") from None
+    elif rope_type != "default":
+        raise CheckpointError(f"{file}: rope type {rope_type!r} is not supported; only plain RoPE, and 'llama3' for Llama")
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
 
     layer_types = c.get("layer_types") or []
@@ -104,6 +132,10 @@ def read_config(path):
         max_position_embeddings=int(c.get("max_position_embeddings", 32768)),
         dtype=c.get("dtype") or c.get("torch_dtype") or "float32",
         eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        model_type=family,
+        attention_bias=True if family == "qwen2" else bool(c.get("attention_bias", False)),
+        qk_norm=family == "qwen3",
+        rope_llama3=llama3,
     )
 
 
@@ -126,9 +158,23 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta, dtype):
+def rope_frequencies(cfg, device=None):
+    """RoPE's angle per position for each pair of dimensions [head_dim / 2]: theta^(-2i / head_dim).
+    Llama 3.x (cfg.rope_llama3) stretches the low frequencies for long context: wavelengths above
+    original_max_position / low_freq_factor are divided by `factor`, those below
+    original_max_position / high_freq_factor kept, and the band between blended linearly."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    if not cfg.rope_llama3:
+        return inv_freq
+    factor, low, high, original = cfg.rope_llama3
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short ones
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_cos_sin(positions, inv_freq, dtype):
     """cos/sin tables for integer positions [B, T] -> [B, 1, T, head_dim] each (computed in fp32)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions[..., None].float() * inv_freq  # [B, T, head_dim/2]
     angles = torch.cat((angles, angles), dim=-1)  # [B, T, head_dim] ("rotate half" layout)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
@@ -145,15 +191,21 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # [B, T, Hkv, hd]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -216,7 +268,7 @@ class KVCache:
     def _set_rows(self, start, max_len):
         self.start = start  # [B] left-pad counts
         slots = torch.arange(max_len, device=start.device)
-        cos, sin = rope_cos_sin(slots[None], self.cfg.head_dim, self.cfg.rope_theta, self.k[0].dtype)
+        cos, sin = rope_cos_sin(slots[None], rope_frequencies(self.cfg, start.device), self.k[0].dtype)
         self.cos, self.sin = cos[0, 0], sin[0, 0]  # [max_len, hd], indexed by rope position
         self.key_mask = (slots[None, :] >= start[:, None])[:, None, None]  # [B, 1, 1, max_len]: real tokens
 
@@ -243,7 +295,8 @@ class KVCache:
 
 
 class Transformer(nn.Module):
-    """Qwen2ForCausalLM-compatible: `model(input_ids)` -> logits [B, T, vocab]."""
+    """Qwen2ForCausalLM-compatible (and LlamaForCausalLM, Qwen3ForCausalLM): `model(input_ids)` ->
+    logits [B, T, vocab]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -278,7 +331,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cos, sin = cache.rope(positions)
         else:
-            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            cos, sin = rope_cos_sin(positions, rope_frequencies(self.config, device), x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
@@ -338,7 +391,7 @@ def default_device():
 
 
 def load_model(path, dtype=None, device=None):
-    """Load a Qwen2/Qwen2.5 Hugging Face folder. dtype: None (the checkpoint's), torch.float32 or
+    """Load a Hugging Face folder of a supported family (FAMILIES). dtype: None (the checkpoint's), torch.float32 or
     torch.bfloat16 (or their names). device: None (cuda if available, else cpu). Returns the
     model in eval mode with every parameter frozen (adapters unfreeze their own)."""
     cfg = read_config(path)
@@ -364,7 +417,7 @@ def load_model(path, dtype=None, device=None):
             raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)}, config.json implies {tuple(shape)}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} in all) for a Qwen2 model")
+        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} in all) for a {FAMILIES[cfg.model_type]} model")
 
     state = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
     model.load_state_dict(state, strict=False, assign=True)
@@ -375,19 +428,37 @@ def load_model(path, dtype=None, device=None):
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenizer and the Qwen chat format
+# Tokenizer and the chat formats
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN3_NO_THINKING = "<think>\n\n</think>\n\n"  # what Qwen3's template writes with enable_thinking=False
+CHAT_FORMATS = {"qwen2": "qwen2.5", "qwen3": "qwen3", "llama": "llama3"}  # model_type -> chat format
+
+
+def chatml_prompt(user, system):
+    """Qwen's ChatML prompt, ending with the assistant header so the model writes the answer;
+    system None: no system turn."""
+    head = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
+    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def llama3_prompt(user, system):
+    """Llama 3's chat prompt (its template strips each message), ending with the assistant header;
+    system None: no system turn."""
+    head = "" if system is None else f"<|start_header_id|>system<|end_header_id|>\n\n{system.strip()}<|eot_id|>"
+    return (f"<|begin_of_text|>{head}<|start_header_id|>user<|end_header_id|>\n\n{user.strip()}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 class Tokenizer:
-    """`tokenizers.Tokenizer` plus what sampling needs: the ChatML prompt format, end-of-turn ids
+    """`tokenizers.Tokenizer` plus what sampling needs: the family's chat prompt, end-of-turn ids
     and the pad id. Built by `load_tokenizer`."""
 
-    def __init__(self, tok, end_ids, pad_id):
+    def __init__(self, tok, end_ids, pad_id, chat_format="qwen2.5"):
         self.tok = tok
         self.end_ids = end_ids  # generation stops at any of these; the end token is part of the completion
         self.pad_id = pad_id  # fills rows after their end (never used to build masks)
+        self.chat_format = chat_format  # one of CHAT_FORMATS' values
 
     @property
     def vocab_size(self):
@@ -402,19 +473,29 @@ class Tokenizer:
     def token_id(self, token):
         return self.tok.token_to_id(token)
 
-    @staticmethod
-    def chat_prompt(user, system=None):
-        """Qwen2.5's ChatML prompt, ending with the assistant header so the model writes the answer."""
-        system = QWEN_DEFAULT_SYSTEM if system is None else system
-        return (f"<|im_start|>system\n{system}<|im_end|>\n"
-                f"<|im_start|>user\n{user}<|im_end|>\n"
-                f"<|im_start|>assistant\n")
+    def chat_prompt(self, user, system=None):
+        """The prompt in the family's chat format. system None: the family's default, which is
+        Qwen2.5's system prompt for Qwen2.5 and no system turn for Llama 3 and Qwen3. Qwen3 answers
+        without thinking: the prompt ends with the empty think block its template writes for
+        enable_thinking=False (GSM8K completions stay short, as with Qwen2.5)."""
+        if self.chat_format == "llama3":
+            return llama3_prompt(user, system)
+        if self.chat_format == "qwen3":
+            return chatml_prompt(user, system) + QWEN3_NO_THINKING
+        return chatml_prompt(user, QWEN_DEFAULT_SYSTEM if system is None else system)
 
     def encode_chat(self, user, system=None):
         return self.encode(self.chat_prompt(user, system))
 
 
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")  # Qwen's, then Llama 3's
+
+
 def load_tokenizer(path):
+    """The tokenizer of a checkpoint folder: tokenizer.json, the chat format from config.json's
+    model_type (without a config.json: Llama 3's if its header tokens exist, else Qwen2.5's), end
+    ids = the family's end-of-turn tokens and every eos_token_id of generation_config.json and
+    config.json."""
     from tokenizers import Tokenizer as HFTokenizer
 
     file = os.path.join(path, "tokenizer.json")
@@ -424,18 +505,21 @@ def load_tokenizer(path):
         tok = HFTokenizer.from_file(file)
     except Exception as e:  # the tokenizers library raises bare Exceptions for malformed files
         raise CheckpointError(f"{file}: not a valid tokenizers file: {e}") from None
-    end_ids = [tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>") if tok.token_to_id(t) is not None]
+    end_ids = [tok.token_to_id(t) for t in END_TOKENS if tok.token_to_id(t) is not None]
+    chat_format = "llama3" if tok.token_to_id("<|start_header_id|>") is not None else "qwen2.5"
     for name in ("generation_config.json", "config.json"):
         extra = os.path.join(path, name)
         if os.path.isfile(extra):
             with open(extra) as f:
-                eos = json.load(f).get("eos_token_id")
+                c = json.load(f)
+            eos = c.get("eos_token_id")
             end_ids += [eos] if isinstance(eos, int) else list(eos or [])
+            chat_format = CHAT_FORMATS.get(c.get("model_type"), chat_format)
     end_ids = list(dict.fromkeys(end_ids))  # de-duplicated, order kept
     if not end_ids:
-        raise CheckpointError(f"{file}: no end-of-turn token (<|im_end|> or <|endoftext|>) and no eos_token_id in the configs")
-    pad = tok.token_to_id("<|endoftext|>")
-    return Tokenizer(tok, end_ids, end_ids[-1] if pad is None else pad)
+        raise CheckpointError(f"{file}: no end-of-turn token ({', '.join(END_TOKENS)}) and no eos_token_id in the configs")
+    pads = [tok.token_to_id(t) for t in ("<|endoftext|>", "<|end_of_text|>") if tok.token_to_id(t) is not None]
+    return Tokenizer(tok, end_ids, pads[0] if pads else end_ids[-1], chat_format)
 
 
 # --------------------------------------------------------------------------------------------

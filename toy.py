@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Tokenizer, Transformer, generate, left_pad, load_model, load_tokenizer
+from model import ModelConfig, Transformer, chatml_prompt, generate, left_pad, load_model, load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOY_DIR = os.path.join(ROOT, "toy")
@@ -58,7 +58,7 @@ MAX_NEW_TOKENS = 48  # the longest step-by-step completion is 36 tokens with <|i
 
 def prompt_text(question):
     """The full ChatML prompt for a question, ending with the assistant header."""
-    return Tokenizer.chat_prompt(f"{question} {INSTRUCTION}", SYSTEM_PROMPT)
+    return chatml_prompt(f"{question} {INSTRUCTION}", SYSTEM_PROMPT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,9 +249,9 @@ def pretraining_texts(problems, rng):
     for p in problems:
         user, cue = f"{question_text(p)} {INSTRUCTION}", rng.random()
         if cue < 1 / 3:
-            texts.append((Tokenizer.chat_prompt(user, CUES["steps"]), steps_solution(p), None))
+            texts.append((chatml_prompt(user, CUES["steps"]), steps_solution(p), None))
         elif cue < 2 / 3:
-            texts.append((Tokenizer.chat_prompt(user, CUES["direct"]), direct_solution(p, rng), None))
+            texts.append((chatml_prompt(user, CUES["direct"]), direct_solution(p, rng), None))
         else:
             steps = steps_solution(p)
             completion = steps if rng.random() < PLAIN_STEPS_SHARE else direct_solution(p, rng)

@@ -225,7 +225,8 @@ def _rewrite_weights(path, edit):
     ("extra_tensor", "unexpected tensor 'model.layers.9.extra'"),
     ("wrong_shape", "'model.norm.weight' has shape (7,)"),
     ("truncated", "model.safetensors: unreadable safetensors file"),
-    ("model_type", "model_type 'llama' is not supported"),
+    ("model_type", "model_type 'qwen3_moe' is not supported"),
+    ("mlp_bias", "mlp_bias is not supported"),
     ("rope_scaling", "rope type 'yarn' is not supported"),
     ("sliding", "sliding-window attention"),
     ("bad_json", "config.json: not valid JSON"),
@@ -247,7 +248,9 @@ def test_broken_checkpoint_gives_one_line_error(tmp_path, tiny_ckpt, case, expec
         data = (path / "model.safetensors").read_bytes()
         (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif case == "model_type":
-        _edit_config(path, model_type="llama")
+        _edit_config(path, model_type="qwen3_moe")
+    elif case == "mlp_bias":
+        _edit_config(path, mlp_bias=True)
     elif case == "rope_scaling":
         _edit_config(path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
     elif case == "sliding":
