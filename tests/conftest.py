@@ -17,18 +17,19 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()+-*/=#$%\n"
 
 
-def write_tokenizer(path):
-    """A character-level `tokenizer.json`: three Qwen special tokens, then one id per character."""
+def write_tokenizer(path, special_tokens=SPECIAL_TOKENS):
+    """A character-level `tokenizer.json`: the special tokens (default: three of Qwen's), then one
+    id per character."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab = {t: i for i, t in enumerate(special_tokens)}
     for c in CHARS:
         vocab.setdefault(c, len(vocab))
     vocab["<unk>"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special_tokens)
     tok.save(os.path.join(path, "tokenizer.json"))
     return len(vocab)
 

@@ -12,9 +12,9 @@ import torch
 
 import model as M
 import tinylora
+from conftest import write_tokenizer
 from tinylora import TinyLoRAConfig
 
-CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;!?'\"()+-*/=#$%\n"
 SPECIALS = {"llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
             "qwen3": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]}
 # each family's chat template, the parts that a GSM8K prompt (an optional system turn, one user
@@ -34,28 +34,12 @@ LLAMA3_ROPE = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_fre
                    original_max_position_embeddings=64)  # head_dim 16: wavelengths 6 to 20,000, bands at 16 and 64
 
 
-def write_tokenizer(path, family):
-    """A character-level tokenizer.json with the family's special tokens first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(SPECIALS[family])}
-    for c in CHARS:
-        vocab.setdefault(c, len(vocab))
-    vocab["<unk>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(SPECIALS[family])
-    tok.save(os.path.join(path, "tokenizer.json"))
-    return tok, len(vocab)
-
-
 def write_checkpoint(path, family, tie=False, seed=0, **shape):
     """A random LlamaForCausalLM / Qwen3ForCausalLM saved by transformers, with a tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     os.makedirs(path, exist_ok=True)
-    _, n_vocab = write_tokenizer(path, family)
+    n_vocab = write_tokenizer(path, SPECIALS[family])
     end = SPECIALS[family].index("<|eot_id|>" if family == "llama" else "<|im_end|>")
     kw = {**dict(vocab_size=n_vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=tie, eos_token_id=end), **shape}
