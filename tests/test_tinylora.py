@@ -92,6 +92,19 @@ def test_paper_counts_for_qwen25_7b():
     assert tinylora.tie_choices(28, 196)[:2] == [(1, 1, 196), (2, 2, 196)]
 
 
+@pytest.mark.parametrize("name, n_tie", [("Llama-3.2-1B", 9), ("Llama-3.2-3B", 16), ("Llama-3.1-8B", 18),
+                                          ("Qwen3-0.6B", 16), ("Qwen3-4B", 20), ("Qwen3-8B", 20)])
+def test_the_13_parameter_setting_of_each_family(name, n_tie):
+    """u = 1 and the least tying that gives <= 13 vectors; the counts the table prints."""
+    with torch.device("meta"):
+        model = Transformer(tinylora.MODELS[name])
+    modules = 7 * model.config.num_hidden_layers
+    assert tinylora.tie_choices(model, 13)[0] == (1, n_tie, math.ceil(modules / n_tie)) and math.ceil(modules / n_tie) == 13
+    assert math.ceil(modules / (n_tie - 1)) > 13
+    assert tinylora.count_trainable(model, TinyLoRAConfig(n_tie=n_tie)) == 13
+    assert f"| {name} | {model.config.num_hidden_layers} | {modules} |" in tinylora.parameter_table()
+
+
 def test_tie_groups_tiled_and_structured():
     kinds = ["q_proj", "k_proj"] * 3  # 3 layers of two types, depth order
     assert tinylora.tie_groups(kinds, 4, "tiled") == [0, 0, 0, 0, 1, 1]
