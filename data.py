@@ -13,7 +13,7 @@ cannot be used raises `DataError` naming the file, the line and what to fix.
 
 Prompt. `make_prompt` writes the question, a space, then the instruction (default: the authors'
 `Let's think step by step and output the final answer after "####".`, joined with a space exactly
-as in their verl preprocessing script) into the Qwen chat format of model.py.
+as in their verl preprocessing script) into the model family's chat format (model.py).
 
 Answer checks, given a completion's text (docs/grpo.md, "Which reward is the paper's", compares
 the first two with lm-eval-harness on example endings):
@@ -329,6 +329,7 @@ def load_problems(path, sft_field=None):
 
 def make_prompt(tokenizer, question, instruction=DEFAULT_INSTRUCTION, system=None):
     """Token ids of the chat prompt for one question: user turn = question + ' ' + instruction
-    (the instruction left out when empty); `system` None = Qwen's default system prompt."""
+    (the instruction left out when empty); `system` None = the model family's default (Qwen2.5's
+    system prompt; none for Llama 3 and Qwen3: model.Tokenizer.chat_prompt)."""
     user = f"{question} {instruction}" if instruction else question
     return tokenizer.encode_chat(user, system)
