@@ -233,7 +233,7 @@ def test_token_logprobs_keep_probs_matches_recompute(temperature, chunk):
         logp = grpo.TokenLogprobs.apply(hidden, weight.detach(), targets, temperature, chunk, keep)
         results[-1] += torch.autograd.grad(logp, hidden, upstream)
     for recomputed, kept in zip(*results):  # gradient entries are sums that may cancel: scale to the largest
-        torch.testing.assert_close(kept, recomputed, rtol=1e-5, atol=1e-6 * max(1.0, float(recomputed.abs().max())))
+        torch.testing.assert_close(kept, recomputed, rtol=1e-5, atol=1e-6 * max(1.0, float(recomputed.detach().abs().max())))
 
 
 def test_token_logprobs_keep_probs_refuses_a_second_backward():
@@ -256,7 +256,7 @@ def test_sequence_logprobs_keep_probs_matches_recompute(setup):
         logp = grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, chunk_tokens=5, keep_probs=keep)
         results.append((logp, *torch.autograd.grad(logp, adapter.v, upstream)))
     for recomputed, kept in zip(*results):  # log-probs, then the gradient (a sum over tokens): scaled to the largest
-        torch.testing.assert_close(kept, recomputed, rtol=0, atol=1e-6 * max(1.0, float(recomputed.abs().max())))
+        torch.testing.assert_close(kept, recomputed, rtol=0, atol=1e-6 * max(1.0, float(recomputed.detach().abs().max())))
     with torch.no_grad():  # no graph, so no softmax is kept
         assert torch.equal(grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, 5, keep_probs=True),
                            results[0][0].detach())
