@@ -217,16 +217,54 @@ def tie_choices(layers, budget, targets=TARGETS, tiling="tiled", max_u=16):
 
 
 def fingerprint(model, samples=4096):
-    """32 hex digits identifying the base model, cheap for 7B: sha256 of the model config, and of
-    the name, shape and `samples` evenly strided values (rounded to bf16, so fp32 and bf16 loads of
-    one checkpoint agree) of all 7 projections of every layer. It tells checkpoints apart; it is
-    not a checksum (a change confined to unsampled entries goes unseen)."""
-    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
-    for t in find_targets(model):
-        w = t.linear.weight.detach().reshape(-1)
-        sample = w[:: max(1, w.numel() // samples)][:samples].to(torch.bfloat16).view(torch.int16).cpu()
-        h.update(f"{t.name}{tuple(t.linear.weight.shape)}".encode() + sample.numpy().tobytes())
-    return h.hexdigest()[:32]
+    """Identity of a base model as an adapter depends on it: what the model computes, nothing else.
+    A string of parts, 8 hex digits of sha256 each, so a mismatch can say which part differs
+    (`fingerprint_mismatch`):
+
+        architecture=... model.embed_tokens=... model.layers=... model.norm=... lm_head=...
+
+    architecture: the config fields that change the computation (layers, sizes, heads, kv heads,
+    head_dim, vocabulary, RoPE, rms_norm_eps, tied embeddings: every ModelConfig field but dtype,
+    eos_token_ids and max_position_embeddings, so editing those in config.json keeps an adapter
+    usable, and a field added to ModelConfig later counts until it is listed here). Each weight
+    part (every parameter: embeddings, projections and their biases, norms, head; a tied checkpoint
+    has no lm_head part): per tensor its name, shape and up to `samples` entries evenly strided over
+    the whole tensor, rounded to bf16 so fp32 and bf16 loads of one checkpoint agree; the stride is
+    coprime with the row length, so the entries spread over rows and columns. About 1.4M entries for
+    7B: cheap. It tells checkpoints apart; it is not a checksum (a change confined to unsampled
+    entries goes unseen)."""
+    computes = {k: v for k, v in asdict(model.config).items()
+                if k not in ("dtype", "eos_token_ids", "max_position_embeddings")}
+    parts = {"architecture": hashlib.sha256(json.dumps(computes, sort_keys=True).encode())}
+    for name, p in model.named_parameters():  # a tied lm_head is embed_tokens' parameter: listed once
+        part = "model.layers" if name.startswith("model.layers.") else name.rsplit(".", 1)[0]
+        w = p.detach().reshape(-1)
+        stride = -(-w.numel() // samples)  # ceil: the entries span the whole tensor
+        while math.gcd(stride, p.shape[-1]) != 1:
+            stride += 1
+        sample = w[::stride][:samples].to(torch.bfloat16).view(torch.int16).cpu()
+        h = parts.setdefault(part, hashlib.sha256())
+        h.update(f"{name}{tuple(p.shape)}".encode() + sample.numpy().tobytes())
+    return " ".join(f"{part}={h.hexdigest()[:8]}" for part, h in parts.items())
+
+
+def fingerprint_mismatch(saved, current):
+    """Why an adapter made on the base model `saved` (its file's base_fingerprint) does not belong
+    to the model `current`, in words; None when the two fingerprints are the same."""
+    if saved == current:
+        return None
+    if not saved.startswith("architecture="):
+        return (f"its base-model fingerprint {saved!r} is not one this version makes (older versions of tinylora "
+                "hashed the whole config.json and only the projections), so it cannot check which model the adapter "
+                "belongs to; retrain the adapter with this version")
+    old, new = (dict(part.partition("=")[::2] for part in f.split()) for f in (saved, current))
+    if old["architecture"] != new["architecture"]:
+        return ("trained on a base model of another architecture (config.json differs in a field that changes the "
+                "computation: layers, sizes, heads, vocabulary, RoPE, norm eps, tied embeddings, ...); load it onto "
+                "the checkpoint it was trained on")
+    differ = [part for part in {**old, **new} if old.get(part) != new.get(part)]
+    return (f"the weights of {', '.join(differ)} differ from the base model it was trained on; load it onto the "
+            "checkpoint it was trained on")
 
 
 def _ritz(W, Q):
@@ -629,10 +667,9 @@ def load_adapter(model, path, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
         config = TinyLoRAConfig(**json.loads(meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{path}: metadata 'config' is missing or invalid: {e}") from None
-    base = fingerprint(model)
-    if meta.get("base_fingerprint") != base:
-        raise AdapterError(f"{path}: trained on base model {meta.get('base_fingerprint')}, this model is {base}; "
-                           "load it onto the checkpoint it was trained on")
+    mismatch = fingerprint_mismatch(meta.get("base_fingerprint", ""), fingerprint(model))
+    if mismatch:
+        raise AdapterError(f"{path}: {mismatch}")
     try:
         shapes = plan(model, config)[1]
     except ValueError as e:

@@ -14,12 +14,23 @@ One GRPO step (grpo.py has the pieces, docs/grpo.md the equations):
     rewards  <- 1 if the last `#### N` of the completion equals the answer, else 0
     update   <- group advantages, clipped policy loss through the low-rank path, optimizer step(s)
 
-A run folder (`--out`, default runs/<date-time>) receives: args.json (every setting), metrics.jsonl
-(one line per step), checkpoint.safetensors (adapter + optimizer + step, written
+A run folder (`--out`, default runs/<date-time>) receives: args.json (every setting, the command
+and each resume's), metrics.jsonl (one line per step), samples.jsonl (GRPO: the first
+SAMPLES_PER_STEP completions of every step with their answer and reward), eval_before_greedy.jsonl,
+eval_before_sampled.jsonl, eval_after_greedy.jsonl, eval_after_sampled.jsonl (every evaluation
+completion: `completion_record`), checkpoint.safetensors (adapter + optimizer + step, written
 atomically every `--save-every` steps and on Ctrl-C), adapter.safetensors (the trained vector and
 the metadata to rebuild the rest), summary.json, and curves.png when matplotlib is installed.
 `--resume` continues a run from its checkpoint with the settings in its args.json; on a CPU with a
-fixed seed, a killed and resumed run ends with the same adapter as an uninterrupted one.
+fixed seed, a killed and resumed run ends with the same adapter and the same logs as an
+uninterrupted one. `--eval-only` writes eval_base_*.jsonl (eval_adapter_*.jsonl with --adapter) and
+summary.json to its own folder (default runs/<date-time>-eval).
+
+What a user sees besides the step lines: the answer formats the base model writes (`#### N`,
+`\\boxed{}`, neither) next to its accuracy, with a warning when the reward's format is rare; a
+warning when NO_SIGNAL_STEPS steps in a row gave every sample of every problem the same reward (no
+gradient: usually a reward that cannot read the model's answers); and, in any phase that runs past
+PROGRESS_AFTER seconds, a progress line (`Progress`).
 
     torchrun --standalone --nproc_per_node=N train.py ...
                                           the same run on N GPUs (data-parallel; docs/scaling.md):
@@ -32,6 +43,7 @@ for another model) stops with one line on stderr and exit code 2, before anythin
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -72,6 +84,8 @@ PRESETS = {
                         eval_batch=64, max_grad_norm=1.0, reward="paper"),
 }
 
+DECODINGS = {"greedy": ("greedy",), "sampled": ("sampled",), "both": ("greedy", "sampled")}  # --eval-decoding
+
 DEFAULTS = dict(  # used when neither the command line nor the preset sets a value
     out=None, adapter=None, model=None, train_data=None, eval_data=None, system=None, instruction=data.DEFAULT_INSTRUCTION,
     algo="grpo", method="tinylora", r=2, u=1, n_tie="1", tiling="tiled", proj_seed=0, scale=1.0,
@@ -79,7 +93,8 @@ DEFAULTS = dict(  # used when neither the command line nor the preset sets a val
     temperature=1.0, top_p=1.0, clip_low=0.2, clip_high=0.2, tis_cap=0.0, kl_beta=0.0, agg="token-mean",
     adv_scale="std", reward="strict", mini_batches=1, micro_batch=8, weight_decay=0.0, warmup=0.0, max_grad_norm=1.0,
     sft_field="answer", dtype=None, device=None, threads=0, seed=0, eval_limit=0, eval_batch=64,
-    eval_temperature=1.0, save_every=10, adapter_dtype="float32", keep_probs=False,
+    eval_temperature=1.0, eval_decoding="both", save_every=10, adapter_dtype="float32", keep_probs=False,
+    svd_cache=tinylora.DEFAULT_CACHE_DIR,
 )
 
 
@@ -114,6 +129,8 @@ def parse_args(argv=None):
     g.add_argument("--scale", type=float, help="multiplier on the adapter's update")
     g.add_argument("--svd", choices=["randomized", "exact"], help="truncated SVD method")
     g.add_argument("--adapter-dtype", choices=["float32", "bfloat16"], help="dtype of the saved adapter file")
+    g.add_argument("--svd-cache", metavar="DIR", help=f"folder of the SVD factors' cache, 'none' for no cache "
+                   f"(default {DEFAULTS['svd_cache']})")
 
     g = p.add_argument_group("training")
     g.add_argument("--algo", choices=["grpo", "sft"], help="GRPO (RL), or SFT on the reference solutions")
@@ -149,7 +166,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N problems (0 = all)")
     g.add_argument("--eval-batch", type=int, help="prompts per evaluation batch (per process)")
-    g.add_argument("--eval-temperature", type=float, help="temperature of the sampled accuracy (greedy is always reported)")
+    g.add_argument("--eval-temperature", type=float, help="temperature of the sampled evaluation")
+    g.add_argument("--eval-decoding", choices=sorted(DECODINGS), help="evaluate with greedy decoding, sampled "
+                   "(--eval-temperature), or both (default)")
 
     args = p.parse_args(argv)
     preset = args.preset or ("toy" if args.model is None else None)
@@ -187,6 +206,10 @@ def check_settings(s):
     for name in ("model", "train_data", "eval_data"):
         if getattr(s, name) is None and not (name == "train_data" and s.eval_only):
             raise UsageError(f"--{name.replace('_', '-')} is required with --model (or use --preset toy)")
+    if s.eval_only and s.resume:
+        raise UsageError("--resume continues a training run; --eval-only starts no run to continue")
+    if s.svd_cache != "none" and os.path.exists(s.svd_cache) and not os.path.isdir(s.svd_cache):
+        raise UsageError(f"--svd-cache {s.svd_cache}: exists and is not a folder; name a folder, or 'none' for no cache")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +262,15 @@ def sum_over_processes(x):
     return total.tolist()
 
 
+def gather_lists(items):
+    """The lists of all processes joined in rank order (`items` itself in a single process)."""
+    if world_size() == 1:
+        return items
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def my_share(items, mini_batches):
     """This process's share of a step's batch cut into `mini_batches` equal consecutive chunks:
     the rank-th 1/world of every chunk. Chunk m of all processes together is then
@@ -267,7 +299,67 @@ def first_on_each_machine(fn):
 
 
 # --------------------------------------------------------------------------------------------
+# Progress of the long phases
+
+PROGRESS_AFTER = 5.0  # seconds a phase runs before it shows progress: the toy's phases (~1 s) stay quiet
+PROGRESS_EVERY = {True: 1.0, False: 30.0}  # seconds between updates on a terminal (one line, redrawn), in a log
+
+
+def clock(seconds):
+    return f"{int(seconds) // 3600:02d}:{int(seconds) % 3600 // 60:02d}:{int(seconds) % 60:02d}"
+
+
+class Progress:
+    """Progress of a phase that can take minutes (evaluating 1,319 GSM8K problems with up to 4,096
+    tokens each; one training step of a 7B model), on stdout: nothing for the first PROGRESS_AFTER
+    seconds, then a line every PROGRESS_EVERY seconds, redrawn in place (\\r) on a terminal, a new
+    line in a log. Tokens are counted by a forward hook on the final norm, which every pass runs:
+    model.generate's prefill and each decoded position, and the training forward passes."""
+
+    def __init__(self, net, label, total=None):
+        self.label, self.total, self.done, self.tokens = label, total, 0, 0
+        self.start, self.shown = time.monotonic(), -math.inf
+        self.terminal = sys.stdout.isatty()
+        self.drawn = False  # a line is on the terminal, to clear on exit
+        self.hook = net.model.norm.register_forward_hook(self.counted)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        if self.drawn:
+            print("\r\033[K", end="", flush=True)  # cleared: the phase's own result line follows
+
+    def counted(self, norm, args, out):
+        self.tokens += args[0].shape[0] * args[0].shape[1]  # x [B, T, D]
+        self.show()
+
+    def advance(self, n):
+        """n more of the `total` problems done."""
+        self.done += n
+        self.show()
+
+    def show(self):
+        now = time.monotonic()
+        if now - self.start < PROGRESS_AFTER or now - self.shown < PROGRESS_EVERY[self.terminal]:
+            return
+        self.shown, elapsed = now, now - self.start
+        parts = [self.label] + ([f"{self.done}/{self.total} problems"] if self.total else [])
+        parts.append(f"{self.tokens:,} tokens through the model, {self.tokens / elapsed:,.0f}/s")
+        parts.append(f"ETA {clock(elapsed / self.done * (self.total - self.done))}" if self.total and self.done
+                     else f"{clock(elapsed)} so far")
+        if self.terminal:
+            print("\r" + " | ".join(parts) + "\033[K", end="", flush=True)
+            self.drawn = True
+        else:
+            print(" | ".join(parts), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation
+
+FORMAT_WARNING = 0.05  # warn when fewer of the base model's completions have the reward's answer format
 
 
 def sampling_seeds(seed, stream, first, count):
@@ -277,35 +369,90 @@ def sampling_seeds(seed, stream, first, count):
     return [int(np.random.SeedSequence([seed, stream, i]).generate_state(1)[0]) for i in range(first, first + count)]
 
 
-def evaluate(net, tok, problems, s, adapter=None, temperature=0.0, seed=0):
-    """Accuracy of the model (adapter folded in) on problems: one completion each -> dict. Under
-    torchrun each process answers a consecutive share of the problems and the counts are summed."""
+def evaluate(net, tok, problems, s, adapter, decoding, label):
+    """One completion per problem with the adapter folded in, greedy or sampled at
+    --eval-temperature -> (accuracy dict, records); `label` names the phase in progress lines.
+    Under torchrun each process answers a consecutive share of the problems and the records are
+    gathered: every process returns all of them, in problem order."""
+    temperature, seed = (0.0, 0) if decoding == "greedy" else (s.eval_temperature, s.seed)
     first, end = len(problems) * rank() // world_size(), len(problems) * (rank() + 1) // world_size()
     mine = problems[first:end]
     prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in mine]
     seeds = sampling_seeds(seed, 0, first, len(mine))
-    strict = flexible = 0
-    for i in range(0, len(prompts), s.eval_batch):
-        out = grpo.rollout(net, tok, prompts[i:i + s.eval_batch], 1, s.max_new_tokens, temperature, 1.0,
-                           adapter=adapter, seeds=seeds[i:i + s.eval_batch])
-        scores = data.score(out.texts, [p.target for p in mine[i:i + s.eval_batch]])
-        strict += sum(scores.correct)
-        flexible += sum(scores.flexible)
-    strict, flexible = sum_over_processes([strict, flexible])
-    return {"strict": strict / len(problems), "flexible": flexible / len(problems)}
+    records = []
+    with Progress(net, label, len(mine)) as progress:
+        for i in range(0, len(prompts), s.eval_batch):
+            out = grpo.rollout(net, tok, prompts[i:i + s.eval_batch], 1, s.max_new_tokens, temperature, 1.0,
+                               adapter=adapter, seeds=seeds[i:i + s.eval_batch])
+            records += [completion_record(first + i + j, problem, text, decoding, temperature)
+                        for j, (problem, text) in enumerate(zip(mine[i:i + s.eval_batch], out.texts))]
+            progress.advance(len(out.texts))
+    records = gather_lists(records)
+    return accuracy(records), records
 
 
-def evaluate_both(net, tok, problems, s, adapter=None):
-    """Greedy and sampled accuracy (strict and flexible), as the default run reports them."""
-    greedy = evaluate(net, tok, problems, s, adapter, 0.0)
-    sampled = evaluate(net, tok, problems, s, adapter, s.eval_temperature, seed=s.seed)
-    return {"greedy": greedy, "sampled": sampled}
+def completion_record(index, problem, text, decoding, temperature):
+    """One line of eval_<name>_<decoding>.jsonl: the problem (`index`: its 0-based place among the
+    problems of --eval-data, blank lines not counted), the completion, the answers the strict
+    (`#### N`), flexible (last number) and boxed (`\\boxed{}`) checks read from it (None: none
+    found), and whether the first two are right."""
+    answer, flexible = data.extract_strict(text), data.extract_flexible(text)
+    return {"index": index, "decoding": decoding, "temperature": temperature, "question": problem.question,
+            "completion": text, "target": problem.target, "answer": answer, "correct": answer == problem.target,
+            "flexible_answer": flexible, "flexible_correct": flexible == problem.target,
+            "boxed_answer": data.extract_boxed(text)}
+
+
+def accuracy(records):
+    """Strict and flexible accuracy of evaluation records, and the answer formats of their
+    completions: the share with a `#### N`, with a `\\boxed{}` answer, with neither."""
+    def share(test):
+        return sum(map(test, records)) / len(records)
+    return {"strict": share(lambda r: r["correct"]), "flexible": share(lambda r: r["flexible_correct"]),
+            "formats": {"####": share(lambda r: r["answer"] is not None),
+                        "boxed": share(lambda r: r["boxed_answer"] is not None),
+                        "neither": share(lambda r: r["answer"] is None and r["boxed_answer"] is None)}}
+
+
+def evaluation(net, tok, problems, s, adapter, name):
+    """Evaluate with each decoding of --eval-decoding -> {decoding: accuracy dict}; rank 0 writes
+    every completion to eval_<name>_<decoding>.jsonl in the run folder."""
+    results = {}
+    for decoding in DECODINGS[s.eval_decoding]:
+        results[decoding], records = evaluate(net, tok, problems, s, adapter, decoding, label=f"eval_{name}_{decoding}")
+        if rank() == 0:
+            write_jsonl(os.path.join(s.out, f"eval_{name}_{decoding}.jsonl"), records)
+    return results
 
 
 def accuracy_line(name, acc, temperature):
-    g, t = acc["greedy"], acc["sampled"]
-    return (f"{name:<7} greedy strict {g['strict']:.3f} flexible {g['flexible']:.3f} | "
-            f"sampled (T={temperature:g}) strict {t['strict']:.3f} flexible {t['flexible']:.3f}")
+    label = {"greedy": "greedy", "sampled": f"sampled (T={temperature:g})"}
+    return f"{name:<7} " + " | ".join(f"{label[decoding]} strict {a['strict']:.3f} flexible {a['flexible']:.3f}"
+                                      for decoding, a in acc.items())
+
+
+def formats_line(acc):
+    """How the completions write their answer, per decoding (a completion may have both formats)."""
+    parts = [f"{decoding}: '#### N' {a['formats']['####']:.3f}, \\boxed{{}} {a['formats']['boxed']:.3f}, "
+             f"neither {a['formats']['neither']:.3f}" for decoding, a in acc.items()]
+    return "formats " + " | ".join(parts)
+
+
+def format_warning(acc, s):
+    """A warning when the base model rarely writes the answer format that the GRPO reward reads,
+    else None (`flexible` reads any number: never)."""
+    needs = {"strict": "####", "paper": "####", "boxed": "boxed"}.get(s.reward)
+    if needs is None or s.algo != "grpo":
+        return None
+    share = max(a["formats"][needs] for a in acc.values())
+    if share >= FORMAT_WARNING:
+        return None
+    written = {"####": "'#### N'", "boxed": "\\boxed{}"}[needs]
+    return (f"warning: the base model wrote {written}, the answer format that --reward {s.reward} reads, in {share:.1%} "
+            "of its completions: nearly every reward will be 0, and GRPO learns nothing from a group whose rewards are "
+            f"equal. Read its completions in {os.path.join(s.out, 'eval_before_*.jsonl')}; then use a reward that reads "
+            "them (--reward boxed for \\boxed{}, --reward flexible for the last number) or an --instruction the model "
+            "follows (docs/reproducing.md, 'Answer formats')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,20 +495,33 @@ def load_checkpoint(path, adapter, optimizer):
 # --------------------------------------------------------------------------------------------
 # The run
 
+NO_SIGNAL_STEPS = 2  # GRPO steps in a row with equal rewards in every group before the no-signal warning
+SAMPLES_PER_STEP = 2  # completions of every GRPO step kept in samples.jsonl
 
-def prepare_run_folder(s):
-    """Pick and check --out; with --resume, reload the saved settings. Nothing is written here."""
+
+def session_command(argv):
+    """This invocation as a command line, for args.json and summary.json."""
+    launcher = "python" if world_size() == 1 else f"torchrun --nproc_per_node={world_size()}"
+    return f"{launcher} train.py " + " ".join(argv)
+
+
+def prepare_run_folder(s, command):
+    """Pick and check --out; with --resume, reload the saved settings and add `command` (this
+    session's) to the run's resumes. Nothing is written here."""
     if s.resume:
         if not s.out or not os.path.isfile(os.path.join(s.out, "args.json")):
             raise UsageError(f"--resume needs --out pointing at a run folder with args.json, got {s.out!r}")
         with open(os.path.join(s.out, "args.json")) as f:
             saved = json.load(f)
-        return argparse.Namespace(**{**DEFAULTS, **saved, "resume": True, "out": s.out})  # DEFAULTS: settings newer than the run
+        resumes = saved.pop("resumes", []) + [command]  # runs made before commands were saved have none
+        return argparse.Namespace(**{**DEFAULTS, "command": None, **saved, "resumes": resumes, "resume": True,
+                                     "out": s.out})  # DEFAULTS: settings newer than the run
     if s.out is None:
-        s.out = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S"))
+        s.out = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + ("-eval" if s.eval_only else ""))
     if os.path.isdir(s.out) and os.listdir(s.out) and not s.overwrite:
         raise UsageError(f"{s.out}: run folder exists and is not empty; pass --resume to continue it, "
                          "--overwrite to replace it, or another --out")
+    s.command, s.resumes = command, []
     return s
 
 
@@ -394,6 +554,9 @@ def build(s):
     s.device = str(torch.device(s.device) if s.device else M.default_device())
     if world_size() > 1 and s.device.startswith("cuda"):
         s.device = f"cuda:{local_rank()}"  # torchrun: one GPU per process (on --resume too, whatever args.json says)
+    size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(s.model, "*.safetensors")))
+    if size > 1e9 and rank() == 0:  # a real checkpoint: reading it takes a while
+        print(f"loading {s.model} ({size / 1e9:.1f} GB) ...", flush=True)
     net = M.load_model(s.model, s.dtype, s.device)
     tok = M.load_tokenizer(s.model)
     train = data.load_problems(s.train_data, sft_field=s.sft_field if s.algo == "sft" else None) if s.train_data else None
@@ -410,8 +573,20 @@ def make_adapter(net, s):
     n_tie = len(tinylora.find_targets(net)) if str(s.n_tie) == "all" else int(s.n_tie)
     cfg = tinylora.TinyLoRAConfig(method=s.method, r=s.r, u=s.u, n_tie=n_tie, tiling=s.tiling, seed=s.proj_seed,
                                   scale=s.scale, svd=s.svd)
-    adapter, _ = first_on_each_machine(lambda: tinylora.attach(net, cfg, quiet=True))
+    adapter, _ = first_on_each_machine(lambda: tinylora.attach(net, cfg, cache_dir=svd_cache(s), quiet=quiet_svd(net)))
     return adapter
+
+
+def svd_cache(s):
+    """--svd-cache as tinylora takes it: a folder, or None for no cache."""
+    return None if s.svd_cache == "none" else s.svd_cache
+
+
+def quiet_svd(net):
+    """Whether tinylora keeps its SVD messages (progress every 2 s, summary, tied-values warning)
+    to itself: in the processes that do not print, and for models under 10M parameters (the toy),
+    whose SVD takes well under a second."""
+    return rank() > 0 or sum(p.numel() for p in net.parameters()) < 10_000_000
 
 
 def lr_at(step, total, s):
@@ -421,8 +596,9 @@ def lr_at(step, total, s):
 
 
 def grpo_step(net, tok, adapter, optimizer, batch, s, step):
-    """Rollout, rewards and update on this process's share of the step's batch -> the step's metrics,
-    summed over the processes: the numbers a single process would log."""
+    """Rollout, rewards and update on this process's share of the step's batch -> (the step's
+    metrics, summed over the processes: the numbers a single process would log; the first
+    SAMPLES_PER_STEP completions of this process, for samples.jsonl: rank 0's are the batch's first)."""
     seeds = sampling_seeds(s.seed, step + 1, 0, len(batch))  # a prompt's samples depend on its place in the batch
     batch, seeds = my_share(batch, s.mini_batches), my_share(seeds, s.mini_batches)
     prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in batch]
@@ -443,15 +619,19 @@ def grpo_step(net, tok, adapter, optimizer, batch, s, step):
         [sum(rewards), sum(scores.correct), sum(scores.flexible), tokens, stats.clip_frac * tokens, stats.kl * tokens,
          stats.zero_adv_groups * len(batch)])
     n = s.prompts_per_step * s.samples
-    return {"reward": reward / n, "acc_strict": strict / n, "acc_flexible": flexible / n, "length": tokens / n,
-            "tokens": int(tokens), "clip_frac": clipped / tokens, "kl": kl / tokens,
-            "zero_adv_groups": zero_adv / s.prompts_per_step, "grad_norm": stats.grad_norm, "loss": stats.loss}
+    metrics = {"reward": reward / n, "acc_strict": strict / n, "acc_flexible": flexible / n, "length": tokens / n,
+               "tokens": int(tokens), "clip_frac": clipped / tokens, "kl": kl / tokens,
+               "zero_adv_groups": zero_adv / s.prompts_per_step, "grad_norm": stats.grad_norm, "loss": stats.loss}
+    samples = [{"step": step + 1, "sample": i, "question": batch[i // s.samples].question, "completion": out.texts[i],
+                "target": references[i], "answer": data.EXTRACTORS[s.reward](out.texts[i]), "reward": rewards[i]}
+               for i in range(min(SAMPLES_PER_STEP, len(out.texts)))]
+    return metrics, samples
 
 
 def sft_step(net, tok, adapter, optimizer, batch, s):
     """Next-token loss on the demonstrations (prompt tokens excluded), token-mean, one optimizer step.
     Under torchrun each process takes its share of the batch; the token count, the gradient and the
-    loss are summed over the processes."""
+    loss are summed over the processes. -> (metrics, []: SFT samples no completions)."""
     batch = my_share(batch, 1)
     prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in batch]
     targets = [tok.encode(p.demonstration) + [tok.end_ids[0]] for p in batch]
@@ -474,7 +654,7 @@ def sft_step(net, tok, adapter, optimizer, batch, s):
     loss_sum = sum_over_processes(loss_sum)
     grad_norm = grpo.clip_gradients(list(adapter.parameters()), s.max_grad_norm or None, loss_sum)
     optimizer.step()
-    return {"loss": loss_sum, "tokens": int(total), "grad_norm": grad_norm}
+    return {"loss": loss_sum, "tokens": int(total), "grad_norm": grad_norm}, []
 
 
 def progress_line(step, total, m, elapsed, tokens_per_s, steps_this_session):
@@ -483,7 +663,7 @@ def progress_line(step, total, m, elapsed, tokens_per_s, steps_this_session):
     if "reward" in m:
         parts += [f"reward {m['reward']:.3f}", f"acc strict {m['acc_strict']:.3f} flexible {m['acc_flexible']:.3f}",
                   f"len {m['length']:.1f}", f"clip {m['clip_frac']:.3f}"]
-    parts += [f"loss {m['loss']:.4f}", f"{tokens_per_s:,.0f} tok/s", f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"]
+    parts += [f"loss {m['loss']:.4f}", f"{tokens_per_s:,.0f} tok/s", f"ETA {clock(eta)}"]
     return " | ".join(parts)
 
 
@@ -493,6 +673,28 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    """One JSON object per line, written to a temp name and renamed."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, rows):
+    with open(path, "a") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def read_log(path, step):
+    """The lines of a run log (metrics.jsonl, samples.jsonl) up to `step`: those of later steps were
+    lost with the kill that ended the previous session. [] for a log the run did not keep."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [row for row in map(json.loads, f) if row["step"] <= step]
 
 
 def plot_curves(run_dir, metrics):
@@ -531,33 +733,7 @@ def train(s, net, tok, train_set, test_set):
     total = total_steps(s, len(train_set))
     writes = rank() == 0  # under torchrun rank 0 alone writes the run folder
     ckpt = os.path.join(s.out, "checkpoint.safetensors")
-    metrics_file = os.path.join(s.out, "metrics.jsonl")
-
-    if s.resume:
-        if not os.path.isfile(ckpt):
-            raise UsageError(f"{ckpt}: no checkpoint to resume from")
-        start = load_checkpoint(ckpt, adapter, optimizer)  # rank-independent: any process count resumes it
-        with open(metrics_file) as f:  # drop lines of steps after the checkpoint (lost with the kill)
-            metrics = [m for m in map(json.loads, f) if m["step"] <= start]
-        with open(os.path.join(s.out, "before.json")) as f:
-            before = json.load(f)
-        print(f"resumed {s.out} at step {start}/{total}", flush=True)
-        if world_size() > 1:
-            dist.barrier()  # every process has read metrics.jsonl before rank 0 rewrites it
-    else:
-        if writes:
-            os.makedirs(s.out, exist_ok=True)
-            write_json(os.path.join(s.out, "args.json"),
-                       {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite", "argv")})
-        print(f"evaluating the base model on {len(test_set)} held-out problems ...", flush=True)
-        before = evaluate_both(net, tok, test_set, s, adapter)
-        if writes:
-            write_json(os.path.join(s.out, "before.json"), before)
-        print(accuracy_line("before", before, s.eval_temperature), flush=True)
-        start, metrics = 0, []
-    if writes:
-        with open(metrics_file, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
+    start, before, metrics = begin_session(s, net, tok, test_set, adapter, optimizer, total)
 
     interrupted = False
 
@@ -565,17 +741,18 @@ def train(s, net, tok, train_set, test_set):
         nonlocal interrupted
         interrupted = True
     previous = signal.signal(signal.SIGINT, on_sigint)  # finish the step, save, exit cleanly
-    t0, tokens_seen, step = time.time(), 0, start
+    t0, tokens_seen, flat = time.time(), 0, 0  # flat: steps in a row without a learning signal
     try:
         for step in range(start, total):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, s)
             batch = step_problems(train_set, step, s.prompts_per_step, s.seed)
             try:
-                if s.algo == "grpo":
-                    m = grpo_step(net, tok, adapter, optimizer, batch, s, step)
-                else:
-                    m = sft_step(net, tok, adapter, optimizer, batch, s)
+                with Progress(net, f"step {step + 1}/{total}"):
+                    if s.algo == "grpo":
+                        m, samples = grpo_step(net, tok, adapter, optimizer, batch, s, step)
+                    else:
+                        m, samples = sft_step(net, tok, adapter, optimizer, batch, s)
             except grpo.NonFiniteError as e:  # the loss and gradient are summed: every process stops here
                 path = os.path.join(s.out, "adapter.safetensors")
                 if writes:
@@ -586,11 +763,15 @@ def train(s, net, tok, train_set, test_set):
             m = {"step": step + 1, **m, "lr": optimizer.param_groups[0]["lr"], "time": time.time() - t0}
             metrics.append(m)
             if writes:
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(m) + "\n")
+                append_jsonl(os.path.join(s.out, "metrics.jsonl"), [m])
+                if samples:  # GRPO
+                    append_jsonl(os.path.join(s.out, "samples.jsonl"), samples)
             tokens_seen += m["tokens"]
             elapsed = time.time() - t0
             print(progress_line(step + 1, total, m, elapsed, tokens_seen / elapsed, step + 1 - start), flush=True)
+            flat = flat + 1 if m.get("zero_adv_groups") == 1.0 else 0
+            if flat == NO_SIGNAL_STEPS and writes:
+                print(no_signal_warning(s, step + 1, m, samples[0]), file=sys.stderr, flush=True)
             stop = sum_over_processes(int(interrupted)) > 0  # torchrun: all stop at the same step
             if writes and ((s.save_every and (step + 1) % s.save_every == 0) or stop):
                 save_checkpoint(ckpt, adapter, optimizer, step + 1)
@@ -606,10 +787,76 @@ def train(s, net, tok, train_set, test_set):
         save_checkpoint(ckpt, adapter, optimizer, total)
         tinylora.save_adapter(adapter, adapter_path, tinylora.DTYPES[s.adapter_dtype])
     print(f"evaluating the trained adapter on {len(test_set)} held-out problems ...", flush=True)
-    after = evaluate_both(net, tok, test_set, s, adapter)
+    after = evaluation(net, tok, test_set, s, adapter, "after")
     if writes:
         report(s, adapter, adapter_path, total, before, after, metrics)
     return 0
+
+
+def begin_session(s, net, tok, test_set, adapter, optimizer, total):
+    """-> (first step, the base model's accuracy, the metrics so far). Writes args.json (on a
+    resume: with this session's command added) and metrics.jsonl and samples.jsonl as they stand at
+    the first step: a resumed run drops the lines of steps after its checkpoint, lost with the kill
+    and run again. A new run then evaluates the base model."""
+    names = ["metrics.jsonl"] + (["samples.jsonl"] if s.algo == "grpo" else [])  # SFT samples nothing
+    logs = {name: os.path.join(s.out, name) for name in names}
+    if s.resume:
+        ckpt = os.path.join(s.out, "checkpoint.safetensors")
+        if not os.path.isfile(ckpt):
+            raise UsageError(f"{ckpt}: no checkpoint to resume from")
+        start = load_checkpoint(ckpt, adapter, optimizer)  # rank-independent: any process count resumes it
+        kept = {name: read_log(path, start) for name, path in logs.items()}
+        with open(os.path.join(s.out, "before.json")) as f:
+            before = json.load(f)
+        print(f"resumed {s.out} at step {start}/{total}", flush=True)
+        if world_size() > 1:
+            dist.barrier()  # every process has read the logs before rank 0 rewrites them
+    else:
+        start, kept, before = 0, {name: [] for name in logs}, None
+    if rank() == 0:
+        os.makedirs(s.out, exist_ok=True)
+        write_json(os.path.join(s.out, "args.json"), {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite")})
+        for name, path in logs.items():
+            write_jsonl(path, kept[name])
+    if before is None:
+        before = evaluate_base_model(s, net, tok, test_set, adapter)
+    return start, before, kept["metrics.jsonl"]
+
+
+def evaluate_base_model(s, net, tok, test_set, adapter):
+    """The accuracy before training (written to before.json) and the answer formats the base model
+    writes, with a warning when they are not what the reward reads."""
+    print(f"evaluating the base model on {len(test_set)} held-out problems ...", flush=True)
+    before = evaluation(net, tok, test_set, s, adapter, "before")
+    if rank() == 0:
+        write_json(os.path.join(s.out, "before.json"), before)
+    print(accuracy_line("before", before, s.eval_temperature), flush=True)
+    print(formats_line(before), flush=True)
+    warning = format_warning(before, s)
+    if warning and rank() == 0:
+        print(warning, file=sys.stderr, flush=True)
+    return before
+
+
+def no_signal_warning(s, step, m, sample):
+    """What to tell the user of a GRPO run without a learning signal: NO_SIGNAL_STEPS steps in a
+    row in which every problem's samples all got the same reward, so every advantage, and with it
+    the gradient, is zero. Shows a completion with the answer each check reads in it, and what to change."""
+    text = sample["completion"]
+    answers = ", ".join(f"{mode} {data.EXTRACTORS[mode](text)!r}" for mode in sorted(data.EXTRACTORS))
+    if m["reward"] == 0:
+        advice = (f"no completion earned a reward: if the model writes its answer in a form --reward {s.reward} does not "
+                  "read (\\boxed{N} where '#### N' is read, say), use a reward that reads it (--reward boxed, --reward "
+                  "flexible) or an --instruction the model follows (docs/reproducing.md, 'Answer formats')")
+    else:
+        advice = ("each problem's samples are all right or all wrong: the problems are too easy or too hard for the "
+                  "model; use other --train-data, or more --samples to make a disagreement likelier")
+    return (f"warning: no learning signal in steps {step - NO_SIGNAL_STEPS + 1}-{step}: in {m['zero_adv_groups']:.0%} of "
+            f"the groups all {s.samples} samples got the same reward (mean reward {m['reward']:.3f}), so every advantage "
+            "and the gradient are zero: the adapter does not move, and each step costs its full time for nothing.\n"
+            f"  a completion of step {step} (reference answer {sample['target']!r}) ends {text[-200:]!r};\n"
+            f"  the answer each --reward reads in it: {answers}.\n"
+            f"  {advice}")
 
 
 def train_seconds(metrics):
@@ -624,35 +871,47 @@ def report(s, adapter, adapter_path, total, before, after, metrics):
     file_bytes, param_bytes = tinylora.adapter_size(adapter_path)
     print(accuracy_line("before", before, s.eval_temperature))
     print(accuracy_line("after", after, s.eval_temperature))
-    gain = after["greedy"]["strict"] - before["greedy"]["strict"]
-    print(f"greedy strict accuracy {before['greedy']['strict']:.3f} -> {after['greedy']['strict']:.3f} "
+    decoding = next(iter(after))  # greedy, unless --eval-decoding sampled
+    gain = after[decoding]["strict"] - before[decoding]["strict"]
+    print(f"{decoding} strict accuracy {before[decoding]['strict']:.3f} -> {after[decoding]['strict']:.3f} "
           f"({100 * gain:+.1f} points) with {adapter.num_trainable:,} trained parameters")
     print(f"adapter: {adapter_path} ({file_bytes:,} bytes on disk, {param_bytes:,} bytes of parameters)")
-    launcher = "python" if world_size() == 1 else f"torchrun --nproc_per_node={world_size()}"
-    summary = {"command": f"{launcher} train.py " + " ".join(s.argv), "processes": world_size(),
-               "settings": {k: v for k, v in vars(s).items()},
+    summary = {"command": s.command, "resumes": s.resumes, "processes": world_size(),
+               "settings": {k: v for k, v in vars(s).items() if k not in ("command", "resumes")},
                "trainable_parameters": adapter.num_trainable, "steps": total, "before": before, "after": after,
                "adapter": adapter_path, "adapter_file_bytes": file_bytes, "adapter_param_bytes": param_bytes,
                "train_seconds": train_seconds(metrics)}
     write_json(os.path.join(s.out, "summary.json"), summary)
     plot = plot_curves(s.out, metrics)
-    print(f"run folder: {s.out} (metrics.jsonl, summary.json{', curves.png' if plot else ''})")
+    logs = "metrics.jsonl, samples.jsonl" if s.algo == "grpo" else "metrics.jsonl"
+    print(f"run folder: {s.out} ({logs}, eval_*.jsonl, summary.json{', curves.png' if plot else ''})")
 
 
 def eval_only(s, net, tok, test_set):
-    adapter = first_on_each_machine(lambda: tinylora.load_adapter(net, s.adapter, quiet=True)) if s.adapter else None
-    acc = evaluate_both(net, tok, test_set, s, adapter)
-    print(accuracy_line("adapter" if adapter else "base", acc, s.eval_temperature))
-    print(json.dumps({"model": s.model, "adapter": s.adapter, "eval_data": s.eval_data, "problems": len(test_set), **acc}))
+    """Accuracy and answer formats of the model (+ --adapter); the completions and summary.json go
+    to the run folder; the last line printed is the result as JSON."""
+    adapter = first_on_each_machine(lambda: tinylora.load_adapter(
+        net, s.adapter, cache_dir=svd_cache(s), quiet=quiet_svd(net))) if s.adapter else None
+    name = "adapter" if adapter else "base"
+    if rank() == 0:
+        os.makedirs(s.out, exist_ok=True)
+    acc = evaluation(net, tok, test_set, s, adapter, name)
+    result = {"model": s.model, "adapter": s.adapter, "eval_data": s.eval_data, "problems": len(test_set), **acc}
+    if rank() == 0:
+        write_json(os.path.join(s.out, "summary.json"), {"command": s.command, **result})
+    print(accuracy_line(name, acc, s.eval_temperature))
+    print(formats_line(acc))
+    print(f"run folder: {s.out} (eval_{name}_*.jsonl: every completion; summary.json)")
+    print(json.dumps(result))
     return 0
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     s = parse_args(argv)
     try:
         check_settings(s)
-        s = s if s.eval_only else prepare_run_folder(s)
-        s.argv = sys.argv[1:] if argv is None else list(argv)  # the command, for summary.json
+        s = prepare_run_folder(s, session_command(argv))
         net, tok, train_set, test_set = build(s)
         join_processes(s)  # torchrun: join the other processes
         return eval_only(s, net, tok, test_set) if s.eval_only else train(s, net, tok, train_set, test_set)

@@ -77,6 +77,10 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, mode, capsys):
                 assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-5 * LOSS_TERMS if key == "loss" else 1e-7), key
     assert json.load(open(os.path.join(two, "summary.json")))["processes"] == 2
     assert json.load(open(os.path.join(two, "before.json"))) == json.load(open(os.path.join(one, "before.json")))
+    for name in ("eval_before_greedy.jsonl", "eval_before_sampled.jsonl"):  # gathered from both processes, in order
+        assert open(os.path.join(two, name)).read() == open(os.path.join(one, name)).read()
+    if "sft" not in mode:  # rank 0's first completions are the batch's first, as in one process
+        assert open(os.path.join(two, "samples.jsonl")).readline() == open(os.path.join(one, "samples.jsonl")).readline()
     assert output.count("step 3/3") == 1 and output.count("trainable parameters") == 1  # rank 0 alone prints
 
 

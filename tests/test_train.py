@@ -55,6 +55,7 @@ def test_short_grpo_run_on_a_real_checkpoint_writes_every_output(setup, tmp_path
     printed = capsys.readouterr().out
     assert "trainable parameters: 8" in printed  # 2 layers x 7 modules, n_tie 4 -> 4 groups of u = 2
     assert "step 3/3" in printed and "tok/s" in printed and "ETA" in printed
+    assert "\ngreedy strict accuracy " in printed and "\nformats greedy: '#### N' " in printed
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert {"reward", "acc_strict", "acc_flexible", "length", "clip_frac", "kl", "zero_adv_groups"} <= set(metrics[0])
@@ -64,7 +65,18 @@ def test_short_grpo_run_on_a_real_checkpoint_writes_every_output(setup, tmp_path
     assert 0 < summary["train_seconds"] == metrics[-1]["time"]
     assert load_file(str(out / "adapter.safetensors"))["v"].shape == (4, 2)
     assert set(os.listdir(out)) >= {"args.json", "metrics.jsonl", "checkpoint.safetensors", "adapter.safetensors",
-                                    "summary.json", "before.json"}
+                                    "summary.json", "before.json", "samples.jsonl", "eval_before_greedy.jsonl",
+                                    "eval_before_sampled.jsonl", "eval_after_greedy.jsonl", "eval_after_sampled.jsonl"}
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert [(r["step"], r["sample"]) for r in samples] == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+    assert set(samples[0]) == {"step", "sample", "question", "completion", "target", "answer", "reward"}
+
+
+def test_a_resumed_run_log_drops_the_steps_after_its_checkpoint(tmp_path):
+    log = tmp_path / "samples.jsonl"
+    log.write_text("".join(json.dumps({"step": step, "sample": 0}) + "\n" for step in (1, 1, 2, 3)))
+    assert train.read_log(str(log), 2) == [{"step": 1, "sample": 0}, {"step": 1, "sample": 0}, {"step": 2, "sample": 0}]
+    assert train.read_log(str(tmp_path / "absent.jsonl"), 2) == []  # a run made before the log existed
 
 
 def test_training_time_adds_up_the_sessions_of_a_resumed_run():
@@ -104,7 +116,8 @@ def test_sft_and_eval_only_with_the_trained_adapter(setup, tmp_path, capsys):
     assert train.main(tiny_args(setup, out, "--algo", "sft", "--method", "lora-xs", "--u", "1")) == 0
     capsys.readouterr()
     code = train.main(["--eval-only", "--model", setup["model"], "--eval-data", setup["eval"], "--adapter",
-                       str(out / "adapter.safetensors"), "--max-new-tokens", "8", "--device", "cpu"])
+                       str(out / "adapter.safetensors"), "--max-new-tokens", "8", "--device", "cpu",
+                       "--out", str(tmp_path / "eval")])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.load(open(out / "summary.json"))
@@ -139,7 +152,7 @@ def _wait_for_lines(path, n, proc, timeout=120):
     raise AssertionError(f"{path} never reached {n} lines")
 
 
-def test_resume_after_sigkill_ends_with_the_same_adapter(setup, tmp_path):
+def test_resume_after_sigkill_ends_with_the_same_adapter_and_logs(setup, tmp_path):
     args = ["--steps", "5", "--save-every", "1", "--eval-limit", "2"]
     straight = _run(tiny_args(setup, tmp_path / "straight", *args))
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
@@ -157,6 +170,11 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(setup, tmp_path):
     assert torch.equal(a, b)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5]
+    # samples.jsonl is cut back to the checkpoint like metrics.jsonl: the same lines as the straight run's
+    assert open(tmp_path / "killed" / "samples.jsonl").read() == open(tmp_path / "straight" / "samples.jsonl").read()
+    summary = json.load(open(tmp_path / "killed" / "summary.json"))
+    assert summary["command"] == "python train.py " + " ".join(tiny_args(setup, tmp_path / "killed", *args))
+    assert summary["resumes"] == [f"python train.py --resume --out {tmp_path / 'killed'}"]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup, tmp_path):
@@ -278,3 +296,131 @@ def test_keep_probs_trains_the_same_adapter(setup, tmp_path):
         adapters[bool(flags)] = load_file(str(out / "adapter.safetensors"))["v"]
     assert torch.allclose(adapters[True], adapters[False], rtol=1e-4, atol=1e-6)
     assert not torch.equal(adapters[True], torch.zeros_like(adapters[True]))  # it trained
+
+
+# --------------------------------------------------------------------------------------------
+# What a user meets on a real checkpoint: the answer formats, no-signal runs, progress, completions
+
+
+def test_a_reward_that_never_reads_an_answer_is_reported_before_and_during_training(setup, tmp_path, capsys):
+    """4 new tokens cannot hold '#### N' (5 characters at least): the strict reward is always 0, as
+    for an instruct model that only writes \\boxed{N}. The base model's formats say so before
+    training, and the run warns once, after NO_SIGNAL_STEPS steps, with a completion and the fixes."""
+    out = tmp_path / "run"
+    args = tiny_args(setup, out, "--reward", "strict", "--max-new-tokens", "4", "--eval-limit", "2", "--steps", "3")
+    assert train.main(args) == 0
+    captured = capsys.readouterr()
+    assert "formats greedy: '#### N' 0.000, \\boxed{} 0.000, neither 1.000" in captured.out
+    assert "warning: the base model wrote '#### N', the answer format that --reward strict reads, in 0.0%" in captured.err
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(m["reward"] == 0 and m["zero_adv_groups"] == 1 for m in metrics)
+    assert captured.err.count("warning: no learning signal") == 1
+    assert f"no learning signal in steps 1-{train.NO_SIGNAL_STEPS}: in 100% of the groups" in captured.err
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    shown = samples[(train.NO_SIGNAL_STEPS - 1) * train.SAMPLES_PER_STEP]  # the first of the step that warns
+    assert repr(shown["completion"]) in captured.err
+    assert "--reward boxed" in captured.err and "--instruction" in captured.err
+    assert json.load(open(out / "before.json"))["greedy"]["formats"] == {"####": 0.0, "boxed": 0.0, "neither": 1.0}
+
+
+def test_rewarded_runs_give_no_warning(setup, tmp_path, capsys):
+    assert train.main(tiny_args(setup, tmp_path / "run", "--steps", "2", "--eval-limit", "2")) == 0
+    assert "warning" not in capsys.readouterr().err  # --reward flexible reads any number: rewards differ
+
+
+def test_evaluation_writes_every_completion_with_its_answers(setup, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["--eval-only", "--model", setup["model"], "--eval-data", setup["eval"], "--max-new-tokens", "8",
+            "--device", "cpu", "--eval-batch", "4", "--out", str(out)]
+    assert train.main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.splitlines()[-1])
+    assert sorted(os.listdir(out)) == ["eval_base_greedy.jsonl", "eval_base_sampled.jsonl", "summary.json"]
+    problems = data.load_problems(setup["eval"])
+    for decoding, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        records = [json.loads(line) for line in open(out / f"eval_base_{decoding}.jsonl")]
+        assert [r["index"] for r in records] == list(range(len(problems)))  # every problem, in file order
+        for r, p in zip(records, problems):
+            assert set(r) == {"index", "decoding", "temperature", "question", "completion", "target", "answer",
+                              "correct", "flexible_answer", "flexible_correct", "boxed_answer"}
+            assert (r["decoding"], r["temperature"], r["question"], r["target"]) == (decoding, temperature, p.question, p.target)
+            assert r["answer"] == data.extract_strict(r["completion"]) and r["correct"] == (r["answer"] == p.target)
+            assert r["flexible_correct"] == data.is_correct(r["completion"], p.target, "flexible")
+        assert result[decoding]["flexible"] == sum(r["flexible_correct"] for r in records) / len(records)
+    assert json.load(open(out / "summary.json"))["command"] == "python train.py " + " ".join(args)
+
+
+def test_completion_records_count_the_answer_formats_and_the_format_warning_reads_them():
+    problem = data.Problem("q", "#### 5", "5")
+    texts = ["so #### 5", "so \\boxed{5}", "\\boxed{4} and #### 4", "the answer is 5"]
+    records = [train.completion_record(i, problem, text, "greedy", 0.0) for i, text in enumerate(texts)]
+    assert [(r["answer"], r["correct"], r["flexible_answer"], r["flexible_correct"], r["boxed_answer"]) for r in records] == [
+        ("5", True, "5", True, None), (None, False, "5", True, "5"), ("4", False, "4", False, "4"), (None, False, "5", True, None)]
+    acc = train.accuracy(records)
+    assert acc == {"strict": 0.25, "flexible": 0.75, "formats": {"####": 0.5, "boxed": 0.5, "neither": 0.25}}
+    s = train.parse_args(["--model", "m", "--out", "run"])
+    assert train.format_warning({"greedy": acc}, s) is None  # half the completions have '#### N'
+    rare = {"greedy": {**acc, "formats": {"####": 0.04, "boxed": 0.9, "neither": 0.06}}}
+    assert train.format_warning(rare, s).startswith("warning: the base model wrote '#### N', the answer format that "
+                                                    "--reward strict reads, in 4.0% of its completions")
+    assert train.format_warning(rare, train.parse_args(["--model", "m", "--reward", "boxed"])) is None
+
+
+def test_eval_decoding_chooses_greedy_or_sampled(setup, tmp_path, capsys):
+    base = ["--eval-only", "--model", setup["model"], "--eval-data", setup["eval"], "--max-new-tokens", "8", "--device", "cpu"]
+    assert train.main([*base, "--eval-decoding", "greedy", "--out", str(tmp_path / "g")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("base    greedy strict") and "sampled" not in printed[0]
+    assert sorted(os.listdir(tmp_path / "g")) == ["eval_base_greedy.jsonl", "summary.json"]
+    out = tmp_path / "run"
+    assert train.main(tiny_args(setup, out, "--steps", "1", "--eval-limit", "2", "--eval-decoding", "sampled")) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line[:27] for line in printed if line.startswith(("before ", "after "))] == \
+        ["before  sampled (T=1) stric", "before  sampled (T=1) stric", "after   sampled (T=1) stric"]
+    assert any(line.startswith("sampled strict accuracy ") for line in printed)  # the gain line
+    assert sorted(f for f in os.listdir(out) if f.startswith("eval_")) == ["eval_after_sampled.jsonl", "eval_before_sampled.jsonl"]
+
+
+def test_long_phases_print_progress_lines_in_a_log(setup, tmp_path, capsys, monkeypatch):
+    args = ["--eval-only", "--model", setup["model"], "--eval-data", setup["eval"], "--max-new-tokens", "8",
+            "--device", "cpu", "--eval-batch", "3", "--eval-decoding", "greedy"]
+    assert train.main([*args, "--out", str(tmp_path / "quiet")]) == 0
+    assert "tokens through the model" not in capsys.readouterr().out  # a phase of a second stays quiet
+    monkeypatch.setattr(train, "PROGRESS_AFTER", 0.0)  # as if every phase were long
+    monkeypatch.setattr(train, "PROGRESS_EVERY", {True: 0.0, False: 0.0})
+    assert train.main([*args, "--out", str(tmp_path / "loud")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tokens through the model" in line]
+    assert lines[0].startswith("eval_base_greedy | 0/6 problems | ") and "so far" in lines[0]
+    assert any(line.startswith("eval_base_greedy | 3/6 problems | ") and "| ETA 00:00:0" in line for line in lines)
+    assert not any("\r" in line for line in lines)  # not a terminal: whole lines, none redrawn
+
+
+def test_progress_on_a_terminal_is_one_line_redrawn_and_cleared(monkeypatch, capsys):
+    monkeypatch.setattr(train, "PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(train, "PROGRESS_EVERY", {True: 0.0, False: 0.0})
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    net = SimpleNamespace(model=SimpleNamespace(norm=torch.nn.Identity()))
+    with train.Progress(net, "evaluating", total=4) as progress:
+        net.model.norm(torch.zeros(2, 5, 3))  # a pass of 2 rows x 5 tokens
+        progress.advance(2)
+    printed = capsys.readouterr().out
+    assert "\n" not in printed and printed.count("\r") == 3 and printed.endswith("\r\033[K")
+    assert "evaluating | 2/4 problems | 10 tokens through the model" in printed
+    net.model.norm(torch.zeros(1, 1, 3))
+    assert capsys.readouterr().out == ""  # the hook is gone with the phase
+
+
+def test_svd_cache_flag_sets_or_disables_the_cache(setup, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "svd"
+    assert train.main(tiny_args(setup, tmp_path / "a", "--steps", "1", "--eval-limit", "1", "--svd-cache", str(cache))) == 0
+    assert [f.endswith(".safetensors") for f in os.listdir(cache)] == [True]
+    used = []
+    real = train.tinylora.attach
+    monkeypatch.setattr(train.tinylora, "attach", lambda *a, **k: used.append(k["cache_dir"]) or real(*a, **k))
+    assert train.main(tiny_args(setup, tmp_path / "b", "--steps", "1", "--eval-limit", "1", "--svd-cache", "none")) == 0
+    assert used == [None]
+    capsys.readouterr()
+    assert train.main(tiny_args(setup, tmp_path / "c", "--svd-cache", setup["train"])) == 2  # a file, not a folder
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --svd-cache {setup['train']}: exists and is not a folder") and "\n" not in err
+    assert not (tmp_path / "c").exists()
