@@ -113,7 +113,8 @@ def parse_args(argv=None):
     g.add_argument("--model", help="Hugging Face folder of a Qwen2/Qwen2.5 checkpoint (default: toy/base)")
     g.add_argument("--train-data", help="training jsonl: {'question', 'answer'} per line (GSM8K or \\boxed{})")
     g.add_argument("--eval-data", help="held-out jsonl in the same format")
-    g.add_argument("--system", help="system prompt (default: Qwen2.5's; the toy preset uses '')")
+    g.add_argument("--system", help="system prompt (default: the family's: Qwen2.5's own, none for Llama 3 and "
+                   "Qwen3; the toy preset uses '')")
     g.add_argument("--instruction", help=f"appended to each question (default: {DEFAULTS['instruction']!r})")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="weight dtype (default: the checkpoint's)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun each process takes GPU LOCAL_RANK)")
