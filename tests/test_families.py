@@ -168,3 +168,21 @@ def test_other_rope_scalings_and_moe_are_refused(tmp_path):
         with pytest.raises(M.CheckpointError, match=message) as e:
             M.load_model(str(path), device="cpu")
         assert "\n" not in str(e.value)
+
+
+def test_train_py_runs_grpo_on_the_family_and_reloads_its_adapter(checkpoint, tmp_path, capsys):
+    """The command end to end: a few GRPO steps, the adapter file, and --eval-only loading it back."""
+    import train
+    from test_train import write_data
+
+    path, _, _ = checkpoint
+    data, out = tmp_path / "train.jsonl", tmp_path / "run"
+    common = ["--model", path, "--eval-data", write_data(tmp_path / "eval.jsonl", 4, start=100), "--threads", "1",
+              "--device", "cpu", "--max-new-tokens", "6", "--eval-decoding", "greedy"]
+    assert train.main([*common, "--train-data", write_data(data, 8), "--out", str(out), "--steps", "2",
+                       "--prompts-per-step", "2", "--samples", "4", "--lr", "0.05", "--reward", "flexible",
+                       "--n-tie", "7", "--micro-batch", "4"]) == 0
+    assert "trainable parameters: 2" in capsys.readouterr().out
+    assert train.main([*common, "--eval-only", "--adapter", str(out / "adapter.safetensors"),
+                       "--out", str(tmp_path / "eval")]) == 0
+    assert os.path.isfile(tmp_path / "eval" / "eval_adapter_greedy.jsonl")
