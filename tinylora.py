@@ -60,7 +60,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "tinylora", "svd")
 FORMAT, FORMAT_VERSION = "tinylora-adapter", "1"
 TIE_GAP = 1e-6  # (s_i - s_{i+1}) / s_1 below this, i <= r: "tied", warned about (svd_factors)
-SVD_VERSION = "2"  # the truncated SVD algorithm (2: iterate to a sine bound; 1: 4 fixed passes); in the cache key
+SVD_VERSION = "3"  # the truncated SVD algorithm, in the cache key (3: exact in fp64; 2: iterate to a sine bound; 1: 4 fixed passes)
 
 
 class AdapterError(ValueError):
@@ -313,13 +313,14 @@ def truncated_svd(W, r, exact=False, oversample=16, tol=1e-4, max_iter=100, seed
     (s_2 close to s_3, common in real weights) needs many. Passes run in fp32 until the residuals
     reach fp32 rounding (~1e-7 s_1 sqrt(n)); the pairs are then re-checked in fp64 and, if still
     short of tol, the iteration goes on in fp64. No convergence within max_iter passes:
-    torch.linalg.svd, as with exact=True.
-    Exact: torch.linalg.svd (fp32), truncated; its own accuracy is ~1e-7 s_1 / gap.
+    the exact SVD, as with exact=True.
+    Exact: torch.linalg.svd of W in fp64, truncated, returned in W's dtype; accurate to ~1e-16 s_1
+    / gap (fp32 LAPACK's columns are off by up to ~1e-3 in sine on flat spectra).
 
     report: {"method": "randomized" | "exact", "passes": subspace-iteration passes run,
     "sine_bound": `_sine_bound` of the returned factors, "gap": the smallest (s_i - s_{i+1}) / s_1
     for i <= r}. A sine_bound above tol (after the exact fallback) means nearly tied singular
-    values: the factors are then torch.linalg.svd's, correct to ~1e-7 s_1 / gap and no better.
+    values: the factors are then the fp64 torch.linalg.svd's, a basis of the (nearly) tied space.
 
     Signs are fixed so the largest-|.| entry of each U column is positive: the adapter's meaning
     (U S R V^T with a non-diagonal R) depends on them."""
@@ -351,9 +352,10 @@ def truncated_svd(W, r, exact=False, oversample=16, tol=1e-4, max_iter=100, seed
             Q = torch.linalg.qr(Y).Q
         else:
             exact, report["passes"] = True, max_iter
-    if exact:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    if exact:  # in fp64: fp32 LAPACK is off by up to ~1e-3 in sine on flat spectra (measured, docs/method.md §4)
+        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
         bound = _fp64_sine_bound(W, U, S, Vh, r)
+        U, S, Vh = U.to(W.dtype), S.to(W.dtype), Vh.to(W.dtype)
     s = torch.cat([S.double().cpu(), torch.zeros(max(0, r + 1 - len(S)), dtype=torch.float64)])
     report.update(sine_bound=bound, gap=float(((s[:r] - s[1:r + 1]) / s[0]).min()))
     U, S, Vh = U[:, :r], S[:r], Vh[:r]

@@ -150,3 +150,20 @@ def test_embedded_default_trains_on_cuda(tmp_path, capsys, dtype):
     summary = json.load(open(out / "summary.json"))
     assert summary["trainable_parameters"] == 13
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_default_svd_on_cuda_is_the_exact_subspace_and_the_cpu_one(tiny_ckpt):
+    """The certified SVD on the GPU's kernels: every U, V column within sine 1e-4 of the float64
+    torch.linalg.svd (on the CPU), so also within 2e-4 of the CPU's factors; same signs."""
+    cpu = M.load_model(tiny_ckpt[0], device="cpu")
+    gpu = M.load_model(tiny_ckpt[0], device=CUDA)
+    a = tinylora.attach(cpu, cache_dir=None, quiet=True)[0]
+    b = tinylora.attach(gpu, cache_dir=None, quiet=True)[0]
+    for t, g in zip(a.targets, b.targets):
+        U, S, Vh = torch.linalg.svd(t.linear.weight.double(), full_matrices=False)
+        for k in range(2):  # r = 2
+            exact_u = U[:, k] * torch.sign(U[U[:, k].abs().argmax(), k])
+            cos = float(g.U[:, k].double().cpu() @ exact_u)
+            assert math.sqrt(max(0.0, 1 - cos * cos)) <= 1e-4 and cos > 0, (t.name, k, cos)
+            assert float(g.U[:, k].double().cpu() @ t.U[:, k].double()) > 1 - 2e-8
+        assert b.svd_reports[g.name]["sine_bound"] <= 1e-4
