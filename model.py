@@ -420,6 +420,11 @@ def load_model(path, dtype=None, device=None):
         raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} in all) for a {FAMILIES[cfg.model_type]} model")
 
     state = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
+    for key, t in state.items():  # a NaN in a norm or a bias would silently turn every output into nonsense
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: tensor {key!r} has non-finite values (NaN or inf"
+                                  f"{', or too large for ' + str(dtype) if dtype != tensors[key].dtype else ''}); "
+                                  "the checkpoint is damaged")
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

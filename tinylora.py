@@ -682,6 +682,9 @@ def load_adapter(model, path, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
             c = config
             raise AdapterError(f"{path}: tensor {name!r} is {found}, the metadata ({c.method}, r={c.r}, u={c.u}, "
                                f"n_tie={c.n_tie}, {c.tiling}) implies {shapes.get(name, 'no such tensor')}")
+    for name, t in sorted(tensors.items()):
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{path}: tensor {name!r} has non-finite values (NaN or inf); the file is damaged")
     try:
         anchors = json.loads(meta.get("sign_anchors", "[]"))
         rows = {t.name: t.linear.weight.shape[0] for t in find_targets(model, config.targets)}

@@ -38,23 +38,51 @@ PROGRESS_AFTER seconds, a progress line (`Progress`).
                                           prompts, the adapter's gradient is summed over the processes,
                                           rank 0 alone prints and writes the run folder
 
-Bad input (a broken model folder, a malformed data line, impossible hyperparameters, an adapter
-for another model) stops with one line on stderr and exit code 2, before anything is written.
+A run folder belongs to one process while it runs (an fcntl.flock on `.lock` in it; under torchrun,
+rank 0's): a second train.py on it is refused. A new run needs an empty or absent --out (two runs
+started in the same second get runs/<date-time> and runs/<date-time>-2); --overwrite starts a new
+run in a folder holding only a run's files (the old ones are removed when the new run writes its
+first), and refuses a folder holding anything else. args.json and the checkpoint carry a run id
+that --resume checks; --resume may change only the flags of RESUMABLE (--steps, where and how
+fast it runs) and refuses any other flag that differs from args.json.
+
+Bad input (a broken model folder, a malformed data line, impossible or ignored flags, a value in a
+file that is not finite or out of range, an adapter for another model, a missing path or device)
+stops with one line on stderr naming the flag or file and exit code 2, before anything is written
+and before the model loads where the check allows it. A failed write (a full disk) is one line and
+exit code 1. Ctrl-C anywhere ends with one line saying whether the folder can be resumed (exit code
+130); during a step the run first finishes the step and saves a checkpoint, a second Ctrl-C stops
+at once.
 """
 
 import argparse
+import contextlib
+import fcntl
+import fnmatch
 import glob
+import itertools
 import json
 import math
 import os
 import signal
 import sys
 import time
+import uuid
 from datetime import datetime
 
-import numpy as np
+
+def interrupted_while_starting(*_):
+    print("interrupted before the run began; nothing was written", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # a Ctrl-C while torch is imported (seconds): one line, not a traceback
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import numpy as np  # noqa: E402 (after the handler above)
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 import data
 import grpo
@@ -94,20 +122,48 @@ DEFAULTS = dict(  # used when neither the command line nor the preset sets a val
     adv_scale="std", reward="strict", mini_batches=1, micro_batch=8, weight_decay=0.0, warmup=0.0, max_grad_norm=1.0,
     sft_field="answer", dtype=None, device=None, threads=0, seed=0, eval_limit=0, eval_batch=64,
     eval_temperature=1.0, eval_decoding="both", save_every=10, adapter_dtype="float32", keep_probs=False,
-    svd_cache=tinylora.DEFAULT_CACHE_DIR,
+    svd_cache=tinylora.DEFAULT_CACHE_DIR, resume=False, overwrite=False, eval_only=False,
 )
+# what --resume may change (the rest would make the resumed run another run); --steps and --epochs
+# may extend or shorten it, the others change where and how fast it runs, not what it computes
+RESUMABLE = ("steps", "epochs", "save_every", "device", "threads", "micro_batch", "eval_batch", "keep_probs", "svd_cache")
+SESSION_ONLY = ("resume", "overwrite", "explicit", "from_preset")  # settings of one invocation, not saved in args.json
+GRPO_ONLY = ("samples", "temperature", "top_p", "clip_low", "clip_high", "tis_cap", "kl_beta", "agg", "adv_scale",
+             "reward", "mini_batches")
+TRAINING_ONLY = ("train_data", "algo", "sft_field", "lr", "steps", "epochs", "prompts_per_step", "weight_decay", "warmup",
+                 "max_grad_norm", "save_every", "micro_batch", "keep_probs", "method", "r", "u", "n_tie", "tiling",
+                 "proj_seed", "scale", "svd", "adapter_dtype", *GRPO_ONLY)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+METHOD_FLAGS = {"r": ("tinylora", "lora-xs", "lora"), "scale": ("tinylora", "lora-xs", "lora"),  # the methods using
+                "svd": ("tinylora", "lora-xs"), "tiling": ("tinylora", "lora-xs"), "proj_seed": ("tinylora", "lora")}  # them
+MAX_SCALE = 1e4  # --scale beyond this swamps any weight (the authors' alpha / r is 16)
+
+
+def flag(name):
+    """The command-line flag of a setting: n_tie -> --n-tie."""
+    return "--" + name.replace("_", "-")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported as one line (not the whole usage) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; python train.py --help lists every flag\n")
+
+
+def build_parser():
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Flags left unset take the preset's value, then the default shown.")
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="settings bundle; default: 'toy' without --model, else none")
     a("--out", help="run folder (default runs/<date-time>); an existing non-empty one needs --resume or --overwrite")
-    a("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its saved settings")
-    a("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
-    a("--eval-only", action="store_true", help="only evaluate --model (+ --adapter) on --eval-data, then exit")
-    a("--adapter", help="adapter file to evaluate with --eval-only")
+    a("--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint, with its "
+      f"saved settings; of these only {', '.join(flag(k) for k in RESUMABLE)} may be changed")
+    a("--overwrite", action="store_true", default=None, help="start a new run in an existing --out: the old run's "
+      "files are removed (a folder holding other files is refused)")
+    a("--eval-only", action="store_true", default=None, help="only evaluate --model (+ --adapter) on --eval-data, then exit")
+    a("--adapter", help="adapter file to evaluate with --eval-only (to continue training a run: --resume)")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="Hugging Face folder of a Qwen2/Qwen2.5 checkpoint (default: toy/base)")
@@ -171,46 +227,121 @@ def parse_args(argv=None):
     g.add_argument("--eval-decoding", choices=sorted(DECODINGS), help="evaluate with greedy decoding, sampled "
                    "(--eval-temperature), or both (default)")
 
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """The settings of this invocation: the command line, then the preset, then DEFAULTS. A preset's
+    method-specific values (u, n_tie) give way when --method names a method that has none.
+    `explicit` lists the flags given on the command line; `from_preset` those the preset set."""
+    args = build_parser().parse_args(argv)
     preset = args.preset or ("toy" if args.model is None else None)
     explicit = {k: v for k, v in vars(args).items() if v is not None}
-    settings = {**DEFAULTS, **PRESETS.get(preset, {}), **explicit, "preset": preset}
-    return argparse.Namespace(**settings)
+    from_preset = {k: v for k, v in PRESETS.get(preset, {}).items() if k not in explicit}
+    method = explicit.get("method", from_preset.get("method", DEFAULTS["method"]))
+    if method != "tinylora":
+        from_preset.pop("u", None)  # only tinylora has a v of length u
+    if method in ("lora", "full"):
+        from_preset.pop("n_tie", None)  # nothing to tie
+    settings = {**DEFAULTS, **from_preset, **explicit, "preset": preset}
+    return argparse.Namespace(**settings, explicit=sorted(explicit), from_preset=sorted(from_preset))
 
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2, nothing written."""
 
 
+def named(s, name):
+    """A setting as an error message names it: the flag, with the preset when the preset set it."""
+    preset = f" (set by --preset {s.preset})" if name in s.from_preset else ""
+    return f"{flag(name)} {getattr(s, name)}{preset}"
+
+
 def check_settings(s):
-    positive = ["r", "u", "prompts_per_step", "samples", "max_new_tokens", "mini_batches", "micro_batch", "eval_batch"]
-    for name in positive:
+    """Every check of the settings alone (no file read): impossible values, and flags that would
+    be ignored or meaningless in this mode. Raises UsageError naming the flag."""
+    for name in ("r", "u", "prompts_per_step", "samples", "max_new_tokens", "mini_batches", "micro_batch", "eval_batch"):
         if getattr(s, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ["lr", "temperature", "clip_low", "clip_high", "tis_cap", "kl_beta", "weight_decay", "warmup",
-                 "max_grad_norm", "steps", "epochs", "eval_limit", "save_every", "threads", "eval_temperature"]:
+            raise UsageError(f"{flag(name)} must be >= 1, got {getattr(s, name)}")
+    for name in ("lr", "temperature", "clip_low", "clip_high", "tis_cap", "kl_beta", "weight_decay", "warmup",
+                 "max_grad_norm", "steps", "epochs", "eval_limit", "save_every", "threads", "eval_temperature", "seed",
+                 "proj_seed"):
         value = getattr(s, name)
         if not math.isfinite(value) or value < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-    if s.algo == "grpo" and s.samples < 2:
-        raise UsageError("--samples must be >= 2 for GRPO: advantages compare the samples of a prompt")
+            raise UsageError(f"{flag(name)} must be a finite number >= 0, got {value}")
+    if not abs(s.scale) <= MAX_SCALE:
+        raise UsageError(f"--scale must be a number within +-{MAX_SCALE:g}, got {s.scale}: an update that large "
+                         "swamps the weights (and overflows float32)")
     if not 0 < s.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {s.top_p}")
     if s.warmup >= 1:
         raise UsageError(f"--warmup is a fraction of the steps and must be < 1, got {s.warmup}")
-    if s.mini_batches > s.prompts_per_step:
-        raise UsageError(f"--mini-batches {s.mini_batches} > --prompts-per-step {s.prompts_per_step}")
-    if s.kl_beta > 0 and s.method == "full":
-        raise UsageError("--kl-beta needs an adapter to switch off for the reference policy; not with --method full")
-    if str(s.n_tie) != "all" and not str(s.n_tie).isdigit():
+    if str(s.n_tie) != "all" and not (str(s.n_tie).isdigit() and int(s.n_tie) >= 1):
         raise UsageError(f"--n-tie must be a positive integer or 'all', got {s.n_tie!r}")
-    for name in ("model", "train_data", "eval_data"):
-        if getattr(s, name) is None and not (name == "train_data" and s.eval_only):
-            raise UsageError(f"--{name.replace('_', '-')} is required with --model (or use --preset toy)")
-    if s.eval_only and s.resume:
-        raise UsageError("--resume continues a training run; --eval-only starts no run to continue")
+    if s.eval_temperature == 0 and s.eval_decoding != "greedy":
+        raise UsageError("--eval-temperature 0 makes the sampled evaluation a second greedy one; use --eval-decoding "
+                         "greedy, or a temperature > 0")
+    if "eval_temperature" in s.explicit and s.eval_decoding == "greedy":
+        raise UsageError(f"--eval-temperature is unused with {named(s, 'eval_decoding')}; remove it, or use "
+                         "--eval-decoding sampled or both")
+    if s.model is None:
+        raise UsageError(f"--model is required with --preset {s.preset}: give a Hugging Face checkpoint folder (only "
+                         "the toy preset brings its own model)")
+    for name in ("eval_data",) + (() if s.eval_only else ("train_data",)):
+        if getattr(s, name) is None:
+            raise UsageError(f"{flag(name)} is required with --model (only the toy preset brings its own data)")
     if s.svd_cache != "none" and os.path.exists(s.svd_cache) and not os.path.isdir(s.svd_cache):
         raise UsageError(f"--svd-cache {s.svd_cache}: exists and is not a folder; name a folder, or 'none' for no cache")
+    if s.eval_only:
+        unused = [name for name in s.explicit if name in TRAINING_ONLY]
+        if unused:
+            raise UsageError(f"{flag(unused[0])} is a training setting, unused by --eval-only; remove it")
+    else:
+        check_training_settings(s)
+
+
+def check_training_settings(s):
+    """The checks of a training run's settings, including the adapter's (tinylora.TinyLoRAConfig)."""
+    if s.adapter is not None:
+        raise UsageError(f"--adapter {s.adapter}: only --eval-only reads an adapter; a training run starts from zero "
+                         "(to continue a run: --resume --out RUN)")
+    if s.steps == 0 and s.epochs == 0:
+        raise UsageError("--steps 0 and --epochs 0 train nothing: give --steps N or --epochs N (N >= 1)")
+    if s.steps and "epochs" in s.explicit:
+        raise UsageError(f"--epochs is used only when --steps is 0, and {named(s, 'steps')}; give one of the two")
+    if s.clip_low >= 1:
+        raise UsageError(f"--clip-low {s.clip_low}: the ratio floor 1 - clip_low must be > 0; use a value below 1")
+    unused = [name for name in s.explicit if name in (GRPO_ONLY if s.algo == "sft" else ("sft_field",))]
+    if unused:
+        raise UsageError(f"{flag(unused[0])} is a setting of --algo {'grpo' if s.algo == 'sft' else 'sft'}, "
+                         f"unused with --algo {s.algo}; remove it")
+    if s.algo == "grpo":
+        if s.samples < 2:
+            raise UsageError("--samples must be >= 2 for GRPO: advantages compare the samples of a prompt")
+        if s.temperature == 0:
+            raise UsageError("--temperature 0 makes the samples of a prompt identical: every GRPO advantage would be 0; "
+                             "use a temperature > 0 (1.0 is the default)")
+        if s.prompts_per_step % s.mini_batches:
+            raise UsageError(f"{named(s, 'prompts_per_step')} must be a multiple of {named(s, 'mini_batches')}: "
+                             "each optimizer step takes an equal share of the prompts")
+    parts = s.mini_batches if s.algo == "grpo" else 1
+    if world_size() > 1 and s.prompts_per_step % (world_size() * parts):
+        raise UsageError(f"--prompts-per-step {s.prompts_per_step} must be a multiple of {world_size() * parts} "
+                         f"({world_size()} processes x {parts} mini-batches): each process takes the same number of "
+                         "prompts, with all their samples, from every mini-batch")
+    if s.kl_beta > 0 and s.method == "full":
+        raise UsageError("--kl-beta needs an adapter to switch off for the reference policy; not with --method full")
+    unused = [name for name, methods in METHOD_FLAGS.items() if name in s.explicit and s.method not in methods]
+    if unused:
+        raise UsageError(f"{flag(unused[0])} is unused by --method {s.method} (it applies to "
+                         f"{', '.join(METHOD_FLAGS[unused[0]])}); remove it")
+    names = {"r": "r", "u": "u", "n_tie": "n_tie", "tiling": "tiling", "seed": "proj_seed", "scale": "scale", "svd": "svd"}
+    try:
+        tinylora.TinyLoRAConfig(method=s.method, r=s.r, u=s.u, n_tie=1 if str(s.n_tie) == "all" else int(s.n_tie),
+                                tiling=s.tiling, seed=s.proj_seed, scale=s.scale, svd=s.svd)
+    except ValueError as e:
+        key = str(e).split(".", 1)[1].split("=", 1)[0]  # "TinyLoRAConfig.u=13: ..." -> u
+        raise UsageError(f"{named(s, names[key])}: {str(e).split(': ', 1)[1]}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,7 +591,7 @@ def format_warning(acc, s):
 # Checkpoints: one safetensors file, written to a temp name and renamed (atomic on POSIX)
 
 
-def save_checkpoint(path, adapter, optimizer, step):
+def save_checkpoint(path, adapter, optimizer, step, run_id=None):
     from safetensors.torch import save_file
 
     tensors = {f"adapter.{name}": t.detach().cpu().contiguous() for name, t in adapter.tensors.items()}
@@ -468,29 +599,69 @@ def save_checkpoint(path, adapter, optimizer, step):
     for index, state in optim["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
-    meta = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
+    meta = {"step": str(step), "param_groups": json.dumps(optim["param_groups"]), "run_id": run_id or ""}
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, adapter, optimizer):
-    """Restore what save_checkpoint wrote; returns the step to continue from."""
+def read_checkpoint(path, run_id, total):
+    """-> (step, tensors) of a checkpoint, checked: readable, of this run (its run id is args.json's),
+    a step within the run's `total`, every value finite. Nothing is loaded into the model here."""
     from safetensors import safe_open
 
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    with torch.no_grad():
-        for name, param in adapter.tensors.items():
-            param.copy_(tensors[f"adapter.{name}"])
+    restart = "remove it to restart the run from step 0, or start a new run"
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"{path}: unreadable checkpoint (truncated or corrupt?): {e}; {restart}") from None
+    if meta.get("run_id", "") != (run_id or ""):
+        raise UsageError(f"{path}: belongs to another run (run id {meta.get('run_id') or 'none'}, args.json has "
+                         f"{run_id or 'none'}); {restart}")
+    step = meta.get("step", "")
+    if not step.isdigit():
+        raise UsageError(f"{path}: metadata 'step' is {step!r}, not a step number; {restart}")
+    if int(step) > total:
+        raise UsageError(f"{path}: saved at step {step}, past the run's {total} steps; resume with --steps {step} or more")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UsageError(f"{path}: tensor {key!r} has non-finite values (NaN or inf); {restart}")
+    return int(step), tensors
+
+
+def restore_checkpoint(path, tensors, adapter, optimizer):
+    """Put a checkpoint's tensors (read_checkpoint) into the adapter and the optimizer, after checking
+    that each has the name and shape they need. The optimizer keeps its own hyperparameters (the
+    run's settings; the learning rate is set every step)."""
+    params = optimizer.param_groups[0]["params"]
+    expected = {f"adapter.{name}": tuple(t.shape) for name, t in adapter.tensors.items()}
     state = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
+            if not index.isdigit() or int(index) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq"):
+                raise UsageError(f"{path}: unexpected tensor {key!r}; not a checkpoint of this run")
+            expected[key] = () if name == "step" else tuple(params[int(index)].shape)
             state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    return int(meta["step"])
+    for key in sorted(set(expected) | set(tensors)):
+        found = tuple(tensors[key].shape) if key in tensors else "missing"
+        if found != expected.get(key, "absent"):
+            raise UsageError(f"{path}: tensor {key!r} is {found}, this run's adapter needs {expected.get(key, 'none')}")
+    incomplete = [index for index, parts in state.items() if len(parts) != 3]
+    if incomplete:
+        raise UsageError(f"{path}: the optimizer state of parameter {incomplete[0]} lacks a tensor; not a checkpoint "
+                         "of this run")
+    for index, parts in state.items():  # AdamW's step count and its second moment
+        step, second = parts["step"], parts["exp_avg_sq"]
+        if step < 0 or step != step.round() or (second < 0).any():
+            raise UsageError(f"{path}: optimizer state of parameter {index} is impossible (a negative or fractional "
+                             "step, or a negative second moment); remove the checkpoint to restart from step 0")
+    with torch.no_grad():
+        for name, param in adapter.tensors.items():
+            param.copy_(tensors[f"adapter.{name}"])
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,24 +677,260 @@ def session_command(argv):
     return f"{launcher} train.py " + " ".join(argv)
 
 
-def prepare_run_folder(s, command):
-    """Pick and check --out; with --resume, reload the saved settings and add `command` (this
-    session's) to the run's resumes. Nothing is written here."""
-    if s.resume:
-        if not s.out or not os.path.isfile(os.path.join(s.out, "args.json")):
-            raise UsageError(f"--resume needs --out pointing at a run folder with args.json, got {s.out!r}")
-        with open(os.path.join(s.out, "args.json")) as f:
-            saved = json.load(f)
-        resumes = saved.pop("resumes", []) + [command]  # runs made before commands were saved have none
-        return argparse.Namespace(**{**DEFAULTS, "command": None, **saved, "resumes": resumes, "resume": True,
-                                     "out": s.out})  # DEFAULTS: settings newer than the run
+def run_settings(s, command):
+    """The settings of the run this invocation makes or continues, checked (check_settings): with
+    --resume, the saved ones (args.json) with the flags of RESUMABLE given now, and `command` added
+    to the run's resumes; else the command line's, with a new run id."""
+    if not s.resume:
+        s.command, s.resumes, s.run_id = command, [], uuid.uuid4().hex
+        check_settings(s)
+        return s
     if s.out is None:
-        s.out = os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + ("-eval" if s.eval_only else ""))
-    if os.path.isdir(s.out) and os.listdir(s.out) and not s.overwrite:
-        raise UsageError(f"{s.out}: run folder exists and is not empty; pass --resume to continue it, "
-                         "--overwrite to replace it, or another --out")
-    s.command, s.resumes = command, []
-    return s
+        raise UsageError("--resume needs --out: the run folder to continue")
+    for name in ("eval_only", "overwrite", "adapter"):
+        if name in s.explicit:
+            raise UsageError(f"--resume continues a training run with its own settings; not with {flag(name)}")
+    saved = read_saved_settings(os.path.join(s.out, "args.json"))
+    for name in s.explicit:
+        if name in RESUMABLE:
+            saved[name] = getattr(s, name)
+        elif name not in ("resume", "out") and str(saved.get(name)) != str(getattr(s, name)):
+            raise UsageError(f"{flag(name)} {getattr(s, name)}: the run in {s.out} has {saved.get(name)} (args.json); "
+                             f"--resume may change only {', '.join(map(flag, RESUMABLE))}: start a new run "
+                             "(another --out) to change the others")
+    resumes = saved.pop("resumes", []) + [command]  # runs made before commands were saved have none
+    explicit = [name for name in s.explicit if name in RESUMABLE]
+    resumed = argparse.Namespace(**{**DEFAULTS, "command": None, "run_id": None, **saved, "resumes": resumes,
+                                    "resume": True, "overwrite": False, "out": s.out, "explicit": explicit,
+                                    "from_preset": []})  # DEFAULTS: settings newer than the run
+    try:
+        check_settings(resumed)
+    except UsageError as e:
+        raise UsageError(f"{os.path.join(s.out, 'args.json')} with this command: {e}") from None
+    return resumed
+
+
+def read_saved_settings(path):
+    """args.json of a run, each value checked against the type and choices of its flag."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing; --resume needs --out pointing at a run folder (with args.json)") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: unreadable ({e}); the run cannot be resumed, start a new one") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path}: expected a JSON object of settings; the run cannot be resumed, start a new one")
+    actions = {a.dest: a for a in build_parser()._actions}
+    for key, value in saved.items():
+        if not saved_value_ok(key, value, actions.get(key)):
+            raise UsageError(f"{path}: key {key!r} has an invalid value {value!r}; the run cannot be resumed, "
+                             "start a new one")
+    if saved.get("eval_only"):
+        raise UsageError(f"{path}: an --eval-only folder; there is no training run to resume")
+    return saved
+
+
+def saved_value_ok(key, value, action):
+    """Whether `value` is one a flag (or a bookkeeping key of args.json) can hold."""
+    if key in ("command", "run_id"):
+        return value is None or isinstance(value, str)
+    if key == "resumes":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if key == "preset":
+        return value is None or value in PRESETS
+    if action is None:
+        return False  # no such setting
+    if action.nargs == 0:  # store_true
+        return isinstance(value, bool)
+    if value is None:
+        return key in ("out", "adapter", "model", "train_data", "eval_data", "system", "dtype", "device")
+    if action.choices is not None:
+        return value in action.choices
+    if action.type is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if action.type is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str) or (key == "n_tie" and isinstance(value, int) and not isinstance(value, bool))
+
+
+def check_inputs(s):
+    """Every file and device the run needs, read or checked before the model loads (which can take
+    minutes) -> (training problems or None, evaluation problems)."""
+    check_device(s)
+    if os.path.exists(s.model) and not os.path.isdir(s.model):
+        raise UsageError(f"--model {s.model}: a file; give the Hugging Face checkpoint folder")
+    config = M.read_config(s.model)  # a missing or broken config.json, in a second
+    if s.max_new_tokens > config.max_position_embeddings:
+        raise UsageError(f"--max-new-tokens {s.max_new_tokens}: longer than the model's whole context of "
+                         f"{config.max_position_embeddings} tokens (max_position_embeddings in "
+                         f"{os.path.join(s.model, 'config.json')}); give at most that, less the prompt")
+    for name in ("train_data", "eval_data", "adapter"):
+        path = getattr(s, name)
+        if path is not None and not os.path.isfile(path):
+            what = "a folder" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "no such file"
+            raise UsageError(f"{flag(name)} {path}: {what}; give a file")
+    try:
+        train = (data.load_problems(s.train_data, sft_field=s.sft_field if s.algo == "sft" else None)
+                 if not s.eval_only else None)
+        test = data.load_problems(s.eval_data)
+    except OSError as e:
+        raise UsageError(f"{e.filename}: cannot read ({e.strerror})") from None
+    if s.eval_limit:
+        test = test[:s.eval_limit]
+    if not test:
+        raise UsageError(f"{s.eval_data}: no problems to evaluate")
+    if train is not None and len(train) < s.prompts_per_step:
+        raise UsageError(f"{s.train_data}: {len(train)} problems, fewer than --prompts-per-step {s.prompts_per_step}")
+    if train is not None and "warmup" in s.explicit and s.warmup and not int(s.warmup * total_steps(s, len(train))):
+        raise UsageError(f"{named(s, 'warmup')} of {total_steps(s, len(train))} steps is no step of warm-up; use 0, "
+                         "or a larger fraction")
+    if s.svd_cache != "none":
+        existing = s.svd_cache  # the folder, or its nearest existing parent, must be a writable folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(os.path.abspath(existing))
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"--svd-cache {s.svd_cache}: cannot be created or written ({existing} is not a writable "
+                             "folder); name another folder, or 'none' for no cache")
+    return train, test
+
+
+def check_device(s):
+    """--device: a device of this machine (under torchrun with CUDA: GPU LOCAL_RANK); sets s.device."""
+    try:
+        device = torch.device(s.device) if s.device else M.default_device()
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {s.device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {s.device}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if world_size() > 1:
+            device = torch.device("cuda", local_rank())  # one GPU per process (on --resume too)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UsageError(f"--device {device}: this machine has {count} CUDA GPU(s); use --device cpu"
+                             + (f" (or --device cuda:N with N < {count})" if count else ""))
+    s.device = str(device)
+
+
+RUN_FILES = ("args.json", "before.json", "metrics.jsonl", "samples.jsonl", "checkpoint.safetensors",
+             "adapter.safetensors", "summary.json", "curves.png", "eval_*.jsonl")
+LOCK_FILE = ".lock"  # exists while a process owns the run folder, which holds its fcntl.flock; holds its pid
+
+
+def is_run_file(name):
+    """A file train.py writes in a run folder (or its temp name, or the lock)."""
+    name = name[:-len(".tmp")] if name.endswith(".tmp") else name
+    return name == LOCK_FILE or any(fnmatch.fnmatch(name, pattern) for pattern in RUN_FILES)
+
+
+class RunFolder:
+    """The run folder (--out), owned by one process for its lifetime: rank 0 holds an exclusive
+    fcntl.flock on LOCK_FILE in it; a second train.py on the same folder is refused. A new run
+    needs an empty or absent folder (the default, runs/<date-time>, gets a -2, -3, ... suffix when
+    taken); --overwrite empties one that holds only a run's files (RUN_FILES), when the new run
+    writes its first file; anything else in it is refused. Until `start`, nothing of the run is
+    written: `release` then also removes a folder that claiming made."""
+
+    def __init__(self, s):
+        self.s, self.fd, self.made_folder, self.started = s, None, False, False
+        if rank() == 0:  # under torchrun the other processes only read
+            self.claim()
+        elif s.out is None:
+            s.out = self.default_name()  # for messages: rank 0 alone picks and writes the folder
+
+    def claim(self):
+        s = self.s
+        if s.out is None:
+            self.make_default_folder()
+        else:
+            if os.path.lexists(s.out) and not os.path.isdir(s.out):
+                raise UsageError(f"--out {s.out}: exists and is not a folder; choose another --out")
+            self.made_folder = not os.path.lexists(s.out)
+            try:
+                os.makedirs(s.out, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"--out {s.out}: cannot create the run folder ({e.strerror}); choose another --out") from None
+        if not os.access(s.out, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {s.out}: not writable; choose another --out")
+        self.lock()
+        try:
+            self.check_contents()
+        except UsageError:
+            self.release()
+            raise
+
+    def default_name(self):
+        return os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + ("-eval" if self.s.eval_only else ""))
+
+    def make_default_folder(self):
+        base = self.default_name()
+        for i in itertools.count(1):
+            name = base if i == 1 else f"{base}-{i}"
+            try:
+                os.makedirs(name)  # exclusive: two runs started in the same second get two folders
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UsageError(f"{name}: cannot create the run folder ({e.strerror}); give --out") from None
+            self.s.out, self.made_folder = name, True
+            return
+
+    def lock(self):
+        """Take LOCK_FILE's flock, or refuse naming the pid holding it. The lock file goes with
+        `release`, so a lock taken on a file that was removed meanwhile is taken again."""
+        path = os.path.join(self.s.out, LOCK_FILE)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UsageError(f"{path}: cannot be opened as the run's lock file ({e.strerror}); remove it") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UsageError(f"--out {self.s.out}: in use by another train.py (pid {owner}); wait for it to end, "
+                                 "or choose another --out") from None
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the owner removed the file between our open and our flock
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+
+    def check_contents(self):
+        s = self.s
+        names = sorted(n for n in os.listdir(s.out) if n != LOCK_FILE)
+        if s.resume:
+            if not os.path.isfile(os.path.join(s.out, "args.json")):
+                raise UsageError(f"--resume --out {s.out}: no args.json; not a run folder")
+        elif names and not s.overwrite:
+            raise UsageError(f"{s.out}: run folder exists and is not empty; pass --resume to continue it, "
+                             "--overwrite to replace it, or another --out")
+        elif names:
+            foreign = [n for n in names if not is_run_file(n) or os.path.isdir(os.path.join(s.out, n))]
+            if foreign:
+                raise UsageError(f"--overwrite {s.out}: it holds {foreign[0]!r}, which is not a run's file; --overwrite "
+                                 "removes only a run's own files: move it away, or choose another --out")
+
+    def start(self):
+        """Called before the run's first write: --overwrite removes the old run's files now."""
+        if self.fd is not None and self.s.overwrite:
+            for name in os.listdir(self.s.out):
+                if name != LOCK_FILE and is_run_file(name):
+                    os.remove(os.path.join(self.s.out, name))
+        self.started = True
+
+    def release(self):
+        """Give the folder up (the lock file goes); before `start`, also remove a folder that claiming made."""
+        if self.fd is None:
+            return
+        os.remove(os.path.join(self.s.out, LOCK_FILE))  # still locked: no one takes it meanwhile
+        os.close(self.fd)
+        self.fd = None
+        if not self.started and self.made_folder and not os.listdir(self.s.out):
+            os.rmdir(self.s.out)
 
 
 def data_order(n, epoch, seed):
@@ -544,29 +951,14 @@ def total_steps(s, n_train):
 
 
 def build(s):
-    """Load the model, tokenizer and data: most of what can fail on bad input, before anything is written."""
-    parts = s.mini_batches if s.algo == "grpo" else 1
-    if world_size() > 1 and not s.eval_only and s.prompts_per_step % (world_size() * parts):
-        raise UsageError(f"--prompts-per-step {s.prompts_per_step} must be a multiple of {world_size() * parts} "
-                         f"({world_size()} processes x {parts} mini-batches): each process takes the same number of "
-                         "prompts, with all their samples, from every mini-batch")
+    """Load the model and tokenizer (check_inputs has checked the rest)."""
     if s.threads:
         torch.set_num_threads(s.threads)
-    s.device = str(torch.device(s.device) if s.device else M.default_device())
-    if world_size() > 1 and s.device.startswith("cuda"):
-        s.device = f"cuda:{local_rank()}"  # torchrun: one GPU per process (on --resume too, whatever args.json says)
     size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(s.model, "*.safetensors")))
     if size > 1e9 and rank() == 0:  # a real checkpoint: reading it takes a while
         print(f"loading {s.model} ({size / 1e9:.1f} GB) ...", flush=True)
-    net = M.load_model(s.model, s.dtype, s.device)
-    tok = M.load_tokenizer(s.model)
-    train = data.load_problems(s.train_data, sft_field=s.sft_field if s.algo == "sft" else None) if s.train_data else None
-    test = data.load_problems(s.eval_data)
-    if s.eval_limit:
-        test = test[:s.eval_limit]
-    if train is not None and len(train) < s.prompts_per_step:
-        raise UsageError(f"{s.train_data}: {len(train)} problems, fewer than --prompts-per-step {s.prompts_per_step}")
-    return net, tok, train, test
+    tok = M.load_tokenizer(s.model)  # seconds: a missing tokenizer.json is reported before the minutes of loading
+    return M.load_model(s.model, s.dtype, s.device), tok
 
 
 def make_adapter(net, s):
@@ -574,6 +966,11 @@ def make_adapter(net, s):
     n_tie = len(tinylora.find_targets(net)) if str(s.n_tie) == "all" else int(s.n_tie)
     cfg = tinylora.TinyLoRAConfig(method=s.method, r=s.r, u=s.u, n_tie=n_tie, tiling=s.tiling, seed=s.proj_seed,
                                   scale=s.scale, svd=s.svd)
+    try:
+        tinylora.plan(net, cfg)  # the adapter's shapes on this model: "n_tie=99 is more than the 14 target modules"
+    except ValueError as e:
+        name = {"seed": "proj_seed"}.get(str(e).split("=", 1)[0], str(e).split("=", 1)[0])
+        raise UsageError(f"{named(s, name)}: {e}" if name in DEFAULTS else str(e)) from None
     adapter, _ = first_on_each_machine(lambda: tinylora.attach(net, cfg, cache_dir=svd_cache(s), quiet=quiet_svd(net)))
     return adapter
 
@@ -669,33 +1066,74 @@ def progress_line(step, total, m, elapsed, tokens_per_s, steps_this_session):
 
 
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """A JSON file, written to a temp name, flushed to disk and renamed: a kill leaves the old or the new."""
+    write_file(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path, rows):
-    """One JSON object per line, written to a temp name and renamed."""
+    """One JSON object per line, written like write_json."""
+    write_file(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_file(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def append_jsonl(path, rows):
+    """Lines added to a run log; a kill can cut the last one short, which read_log drops."""
     with open(path, "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def read_log(path, step):
     """The lines of a run log (metrics.jsonl, samples.jsonl) up to `step`: those of later steps were
-    lost with the kill that ended the previous session. [] for a log the run did not keep."""
+    lost with the kill that ended the previous session, as is a last line the kill cut short.
+    [] for a log the run did not keep."""
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [row for row in map(json.loads, f) if row["step"] <= step]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and type(row.get("step")) is int):
+            if n == len(lines):
+                continue  # the unterminated last line: a write cut short
+            raise UsageError(f"{path}:{n}: not a line of the run's log; delete this line and resume again")
+        if row["step"] <= step:
+            rows.append(row)
+    return rows
+
+
+def read_before(path, s):
+    """before.json as a resumed run finds it, or None when it is missing or not what evaluation
+    writes (then the base model is evaluated again)."""
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(before, dict) or set(before) != set(DECODINGS[s.eval_decoding]):
+        return None
+    for acc in before.values():
+        if not (isinstance(acc, dict) and is_fraction(acc.get("strict")) and is_fraction(acc.get("flexible"))
+                and isinstance(acc.get("formats"), dict) and all(map(is_fraction, acc["formats"].values()))):
+            return None
+    return before
+
+
+def is_fraction(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
 
 
 def plot_curves(run_dir, metrics):
@@ -720,12 +1158,14 @@ def plot_curves(run_dir, metrics):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(run_dir, "curves.png")
-    fig.savefig(path, dpi=120)
+    fig.savefig(path + ".tmp", dpi=120, format="png")  # renamed, like every file of a run: a kill leaves no half image
+    os.replace(path + ".tmp", path)
     plt.close(fig)
     return path
 
 
-def train(s, net, tok, train_set, test_set):
+def train(s, folder, state, net, tok, train_set, test_set):
+    """The training run, from the step of `state` (read_run_state) -> exit code."""
     adapter = make_adapter(net, s)
     processes = f" x {world_size()} processes" if world_size() > 1 else ""
     print(f"model {s.model} | {s.method} r={s.r} u={s.u} n_tie={s.n_tie} {s.tiling} | "
@@ -734,14 +1174,19 @@ def train(s, net, tok, train_set, test_set):
     total = total_steps(s, len(train_set))
     writes = rank() == 0  # under torchrun rank 0 alone writes the run folder
     ckpt = os.path.join(s.out, "checkpoint.safetensors")
-    start, before, metrics = begin_session(s, net, tok, test_set, adapter, optimizer, total)
+    start, before, metrics = begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, total)
 
     interrupted = False
 
-    def on_sigint(*_):
+    def on_sigint(*_):  # the first Ctrl-C: finish the step, save, exit cleanly; the second: stop now
         nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
         interrupted = True
-    previous = signal.signal(signal.SIGINT, on_sigint)  # finish the step, save, exit cleanly
+        if writes:
+            print("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGINT, on_sigint)
     t0, tokens_seen, flat = time.time(), 0, 0  # flat: steps in a row without a learning signal
     try:
         for step in range(start, total):
@@ -775,7 +1220,7 @@ def train(s, net, tok, train_set, test_set):
                 print(no_signal_warning(s, step + 1, m, samples[0]), file=sys.stderr, flush=True)
             stop = sum_over_processes(int(interrupted)) > 0  # torchrun: all stop at the same step
             if writes and ((s.save_every and (step + 1) % s.save_every == 0) or stop):
-                save_checkpoint(ckpt, adapter, optimizer, step + 1)
+                save_checkpoint(ckpt, adapter, optimizer, step + 1, s.run_id)
             if stop:
                 print(f"interrupted: checkpoint saved at step {step + 1}; continue with "
                       f"python train.py --resume --out {s.out}", flush=True)
@@ -785,7 +1230,7 @@ def train(s, net, tok, train_set, test_set):
 
     adapter_path = os.path.join(s.out, "adapter.safetensors")
     if writes:
-        save_checkpoint(ckpt, adapter, optimizer, total)
+        save_checkpoint(ckpt, adapter, optimizer, total, s.run_id)
         tinylora.save_adapter(adapter, adapter_path, tinylora.DTYPES[s.adapter_dtype])
     print(f"evaluating the trained adapter on {len(test_set)} held-out problems ...", flush=True)
     after = evaluation(net, tok, test_set, s, adapter, "after")
@@ -794,34 +1239,49 @@ def train(s, net, tok, train_set, test_set):
     return 0
 
 
-def begin_session(s, net, tok, test_set, adapter, optimizer, total):
-    """-> (first step, the base model's accuracy, the metrics so far). Writes args.json (on a
-    resume: with this session's command added) and metrics.jsonl and samples.jsonl as they stand at
-    the first step: a resumed run drops the lines of steps after its checkpoint, lost with the kill
-    and run again. A new run then evaluates the base model."""
-    names = ["metrics.jsonl"] + (["samples.jsonl"] if s.algo == "grpo" else [])  # SFT samples nothing
-    logs = {name: os.path.join(s.out, name) for name in names}
-    if s.resume:
-        ckpt = os.path.join(s.out, "checkpoint.safetensors")
-        if not os.path.isfile(ckpt):
-            raise UsageError(f"{ckpt}: no checkpoint to resume from")
-        start = load_checkpoint(ckpt, adapter, optimizer)  # rank-independent: any process count resumes it
-        kept = {name: read_log(path, start) for name, path in logs.items()}
-        with open(os.path.join(s.out, "before.json")) as f:
-            before = json.load(f)
-        print(f"resumed {s.out} at step {start}/{total}", flush=True)
-        if world_size() > 1:
-            dist.barrier()  # every process has read the logs before rank 0 rewrites them
-    else:
-        start, kept, before = 0, {name: [] for name in logs}, None
+def log_names(s):
+    return ["metrics.jsonl"] + (["samples.jsonl"] if s.algo == "grpo" else [])  # SFT samples nothing
+
+
+def read_run_state(s, n_train):
+    """What a resumed run continues from, read and checked before the model loads -> (the
+    checkpoint's step and tensors, (0, None) without one: stopped before its first; each log's lines
+    up to that step; before.json, None when missing or damaged). A new run: (0, None, {}, None)."""
+    if not s.resume:
+        return 0, None, {}, None
+    start, tensors = 0, None
+    ckpt = os.path.join(s.out, "checkpoint.safetensors")
+    if os.path.exists(ckpt):
+        start, tensors = read_checkpoint(ckpt, s.run_id, total_steps(s, n_train))
+    logs = {name: read_log(os.path.join(s.out, name), start) for name in log_names(s)}
+    return start, tensors, logs, read_before(os.path.join(s.out, "before.json"), s)
+
+
+def begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, total):
+    """-> (first step, the base model's accuracy, the metrics so far). Restores the checkpoint of
+    `state` (read_run_state); writes args.json (on a resume: with this session's command added),
+    and metrics.jsonl and samples.jsonl as they stand at the first step: a resumed run drops the
+    lines of steps after its checkpoint, lost with the kill and run again. A new run then evaluates
+    the base model, as does a resumed one whose before.json is missing or damaged."""
+    start, tensors, kept, before = state
+    ckpt = os.path.join(s.out, "checkpoint.safetensors")
+    if tensors is not None:  # rank-independent: any process count resumes it
+        restore_checkpoint(ckpt, tensors, adapter, optimizer)
+    check_outputs(net, tok, adapter, ckpt if tensors is not None else s.model)
+    if world_size() > 1:
+        dist.barrier()  # every process has read the run folder before rank 0 rewrites it
+    folder.start()
     if rank() == 0:
-        os.makedirs(s.out, exist_ok=True)
-        write_json(os.path.join(s.out, "args.json"), {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite")})
-        for name, path in logs.items():
-            write_jsonl(path, kept[name])
+        write_json(os.path.join(s.out, "args.json"), {k: v for k, v in vars(s).items() if k not in SESSION_ONLY})
+        for name in log_names(s):
+            write_jsonl(os.path.join(s.out, name), kept.get(name, []))
+    if s.resume:
+        print(f"resumed {s.out} at step {start}/{total}", flush=True)
     if before is None:
-        before = evaluate_base_model(s, net, tok, test_set, adapter)
-    return start, before, kept["metrics.jsonl"]
+        if s.resume:
+            print(f"{os.path.join(s.out, 'before.json')}: missing or damaged; evaluating the base model again", flush=True)
+        before = evaluate_base_model(s, net, tok, test_set, None if start else adapter)
+    return start, before, kept.get("metrics.jsonl", [])
 
 
 def evaluate_base_model(s, net, tok, test_set, adapter):
@@ -837,6 +1297,19 @@ def evaluate_base_model(s, net, tok, test_set, adapter):
     if warning and rank() == 0:
         print(warning, file=sys.stderr, flush=True)
     return before
+
+
+def check_outputs(net, tok, adapter, source):
+    """One forward pass of a short prompt as evaluation and rollouts run it (the adapter folded in):
+    finite numbers in `source` can still compute NaN or inf (an adapter value or --scale so large
+    that the update overflows, a weight near the float limit). Refused now, not reported as an
+    accuracy of 0 after the evaluation."""
+    ids = torch.tensor([tok.encode_chat("What is 1 + 1?")], device=next(net.parameters()).device)
+    with torch.no_grad(), adapter.merged() if adapter else contextlib.nullcontext():
+        logits = net(ids)
+    if not torch.isfinite(logits).all():
+        raise UsageError(f"{source}: the model computes non-finite outputs (NaN or inf) with it: a value in it is too "
+                         "large; check the file (or --scale)")
 
 
 def no_signal_warning(s, step, m, sample):
@@ -888,14 +1361,16 @@ def report(s, adapter, adapter_path, total, before, after, metrics):
     print(f"run folder: {s.out} ({logs}, eval_*.jsonl, summary.json{', curves.png' if plot else ''})")
 
 
-def eval_only(s, net, tok, test_set):
+def eval_only(s, folder, net, tok, test_set):
     """Accuracy and answer formats of the model (+ --adapter); the completions and summary.json go
     to the run folder; the last line printed is the result as JSON."""
     adapter = first_on_each_machine(lambda: tinylora.load_adapter(
         net, s.adapter, cache_dir=svd_cache(s), quiet=quiet_svd(net))) if s.adapter else None
     name = "adapter" if adapter else "base"
-    if rank() == 0:
-        os.makedirs(s.out, exist_ok=True)
+    if adapter and not abs(adapter.config.scale) <= MAX_SCALE:
+        raise UsageError(f"{s.adapter}: metadata scale {adapter.config.scale} is beyond +-{MAX_SCALE:g}; the file is damaged")
+    check_outputs(net, tok, adapter, s.adapter or s.model)
+    folder.start()
     acc = evaluation(net, tok, test_set, s, adapter, name)
     result = {"model": s.model, "adapter": s.adapter, "eval_data": s.eval_data, "problems": len(test_set), **acc}
     if rank() == 0:
@@ -907,23 +1382,77 @@ def eval_only(s, net, tok, test_set):
     return 0
 
 
+def interrupted_line(s, folder):
+    """What a Ctrl-C outside the training steps leaves, and what to do with it."""
+    if folder is None or not folder.started:
+        if s.resume:
+            return f"interrupted: the run in {s.out} is unchanged; continue it with python train.py --resume --out {s.out}"
+        return "interrupted before the run wrote anything; nothing to clean up"
+    if s.eval_only or not resumable(s):
+        return (f"interrupted: {s.out} holds an unfinished {'evaluation' if s.eval_only else 'run'}; remove it, or "
+                f"start again with --overwrite --out {s.out}")
+    return f"interrupted: continue the run with python train.py --resume --out {s.out} (or remove {s.out})"
+
+
+def resumable(s):
+    """Whether --resume can continue the run in s.out: a training run that has written its args.json."""
+    return not s.eval_only and os.path.isfile(os.path.join(s.out, "args.json"))
+
+
+def os_error_line(e, s, folder):
+    """A failed read or write (a full disk, a file removed under the run) as one line naming the path."""
+    line = f"error: {getattr(e, 'filename', None) or s.out}: {getattr(e, 'strerror', None) or e}"
+    if folder is not None and folder.started and resumable(s):
+        line += f"; fix it, then continue the run with python train.py --resume --out {s.out}"
+    return line
+
+
+def out_of_memory_line(e, s, folder):
+    """Out of GPU (or CPU) memory: what to lower, and how to continue."""
+    line = (f"error: out of memory on {s.device} ({str(e).splitlines()[0][:120]}); lower --micro-batch, --eval-batch "
+            "or --max-new-tokens, or use --dtype bfloat16")
+    if folder is not None and folder.started and resumable(s):
+        line += f", then continue the run with python train.py --resume --out {s.out} --micro-batch N"
+    return line
+
+
+USER_ERRORS = (UsageError, M.CheckpointError, data.DataError, tinylora.AdapterError, ValueError)
+
+
 def main(argv=None):
+    """The command line -> exit code: 0 done, 2 bad input (one line, nothing written), 1 a failed
+    read or write or a non-finite loss, 130 interrupted (one line saying what is left)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     s = parse_args(argv)
+    folder = None
     try:
-        check_settings(s)
-        s = prepare_run_folder(s, session_command(argv))
-        net, tok, train_set, test_set = build(s)
+        s = run_settings(s, session_command(argv))
+        train_set, test_set = check_inputs(s)
+        folder = RunFolder(s)
+        state = read_run_state(s, len(train_set or []))  # after the claim: no other process changes it now
+        net, tok = build(s)
         join_processes(s)  # torchrun: join the other processes
-        return eval_only(s, net, tok, test_set) if s.eval_only else train(s, net, tok, train_set, test_set)
-    except (UsageError, M.CheckpointError, data.DataError, tinylora.AdapterError, ValueError) as e:
-        if rank() == 0:  # bad input is the same for every process: one line
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        if s.eval_only:
+            return eval_only(s, folder, net, tok, test_set)
+        return train(s, folder, state, net, tok, train_set, test_set)
+    except USER_ERRORS as e:
+        message, code = f"error: {e}", 2
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write (a full disk) as its own error
+        message, code = os_error_line(e, s, folder), 1
+    except torch.OutOfMemoryError as e:
+        message, code = out_of_memory_line(e, s, folder), 1
+    except KeyboardInterrupt:
+        message, code = interrupted_line(s, folder), 130
     finally:
+        if folder is not None:
+            folder.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+    if rank() == 0:  # bad input is the same for every process: one line
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # main() says what a Ctrl-C leaves
     sys.exit(main())

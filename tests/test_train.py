@@ -43,9 +43,10 @@ def setup(tmp_path_factory):
 
 
 def tiny_args(setup, out, *extra):
+    grpo_flags = [] if "sft" in extra else ["--samples", "4", "--reward", "flexible"]  # SFT refuses GRPO's flags
     return ["--model", setup["model"], "--train-data", setup["train"], "--eval-data", setup["eval"], "--out", str(out),
-            "--steps", "3", "--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "8", "--micro-batch", "5",
-            "--threads", "1", "--device", "cpu", "--lr", "0.05", "--reward", "flexible", "--u", "2", "--n-tie", "4", *extra]
+            "--steps", "3", "--prompts-per-step", "4", "--max-new-tokens", "8", "--micro-batch", "5", "--threads", "1",
+            "--device", "cpu", "--lr", "0.05", "--u", "2", "--n-tie", "4", *grpo_flags, *extra]
 
 
 def test_short_grpo_run_on_a_real_checkpoint_writes_every_output(setup, tmp_path, capsys):
