@@ -694,16 +694,26 @@ def load_adapter(model, path, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
         raise AdapterError(f"{path}: metadata 'sign_anchors' is invalid ({e}); it should be a JSON list of "
                            "[module name, column, row]") from None
     adapter, _ = attach(model, config, cache_dir=cache_dir, quiet=quiet)
-    targets = {t.name: t for t in adapter.targets}
-    for name, k, row in anchors:  # the column's sign as it was in training (see sign_anchors)
-        t = targets[name]
-        if t.U[row, k] < 0:
-            t.U, t.Vh = t.U.clone(), t.Vh.clone()
-            t.U[:, k], t.Vh[k] = -t.U[:, k], -t.Vh[k]
+    apply_sign_anchors(adapter, anchors, path)
     with torch.no_grad():
         for name, p in adapter.tensors.items():
             p.copy_(tensors[name])
     return adapter
+
+
+def apply_sign_anchors(adapter, anchors, source):
+    """Give each anchored U column (`sign_anchors`) the sign it had in training: u_k[row] > 0,
+    flipping u_k and v_k together (dW is unchanged by the pair; what v means is restored).
+    `source` names the file the anchors came from, for the error on an anchor this adapter lacks."""
+    targets = {t.name: t for t in adapter.targets}
+    for anchor in anchors:
+        name, k, row = anchor
+        t = targets.get(name)
+        if t is None or t.U is None or not (0 <= k < t.U.shape[1] and 0 <= row < t.U.shape[0]):
+            raise AdapterError(f"{source}: sign anchor {anchor} names a module, column or row this adapter does not have")
+        if t.U[row, k] < 0:
+            t.U, t.Vh = t.U.clone(), t.Vh.clone()
+            t.U[:, k], t.Vh[k] = -t.U[:, k], -t.Vh[k]
 
 
 def sign_anchors(adapter):

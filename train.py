@@ -82,7 +82,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch is imported (seconds): one li
 import numpy as np  # noqa: E402 (after the handler above)
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 import data
 import grpo
@@ -599,7 +599,8 @@ def save_checkpoint(path, adapter, optimizer, step, run_id=None):
     for index, state in optim["state"].items():
         for key, value in state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
-    meta = {"step": str(step), "param_groups": json.dumps(optim["param_groups"]), "run_id": run_id or ""}
+    meta = {"step": str(step), "param_groups": json.dumps(optim["param_groups"]), "run_id": run_id or "",
+            "sign_anchors": json.dumps(tinylora.sign_anchors(adapter) if getattr(adapter, "svd_reports", None) else [])}
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
@@ -608,8 +609,6 @@ def save_checkpoint(path, adapter, optimizer, step, run_id=None):
 def read_checkpoint(path, run_id, total):
     """-> (step, tensors) of a checkpoint, checked: readable, of this run (its run id is args.json's),
     a step within the run's `total`, every value finite. Nothing is loaded into the model here."""
-    from safetensors import safe_open
-
     restart = "remove it to restart the run from step 0, or start a new run"
     try:
         with safe_open(path, "pt") as f:
@@ -662,6 +661,13 @@ def restore_checkpoint(path, tensors, adapter, optimizer):
         for name, param in adapter.tensors.items():
             param.copy_(tensors[f"adapter.{name}"])
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    with safe_open(path, "pt") as f:  # v keeps its meaning on a machine whose SVD flips a near-tied column
+        try:
+            anchors = json.loads((f.metadata() or {}).get("sign_anchors", "[]"))
+            tinylora.apply_sign_anchors(adapter, [tuple(a) for a in anchors], path)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{path}: metadata 'sign_anchors' is invalid ({e}); remove the checkpoint to restart "
+                             "from step 0") from None
 
 
 # --------------------------------------------------------------------------------------------

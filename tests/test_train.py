@@ -11,12 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
 import grpo
+import tinylora
 import train
 from conftest import write_checkpoint
+from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBLEMS = [("Tom has {a} apples. He buys {b} more. How many apples does Tom have now?", lambda a, b: a + b),
@@ -425,3 +428,25 @@ def test_svd_cache_flag_sets_or_disables_the_cache(setup, tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --svd-cache {setup['train']}: exists and is not a folder") and "\n" not in err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_resume_gives_near_tied_columns_the_sign_they_had_in_training(setup, tmp_path):
+    """The checkpoint carries the adapter's sign anchors; restoring it on a machine whose SVD
+    flipped an anchored column (simulated by flipping it) flips it back, so v keeps its meaning."""
+    net = load_model(setup["model"], device="cpu")
+    adapter, _ = tinylora.attach(net, tinylora.TinyLoRAConfig(n_tie=4), cache_dir=None, quiet=True)
+    t = adapter.targets[3]
+    t.U = t.U.clone()
+    t.U[:, 0] = 0.01 * t.U[:, 0]
+    t.U[0, 0], t.U[1, 0] = 0.7, -0.7  # a column whose two largest |entries| tie: anchored
+    optimizer = torch.optim.Adam(adapter.parameters())
+    path = str(tmp_path / "checkpoint.safetensors")
+    train.save_checkpoint(path, adapter, optimizer, 1)
+    anchors = json.loads(safe_open(path, "pt").metadata()["sign_anchors"])
+    assert [t.name, 0, 0] in anchors
+    trained_u, trained_vh = t.U.clone(), t.Vh.clone()
+    t.U, t.Vh = t.U.clone(), t.Vh.clone()
+    t.U[:, 0], t.Vh[0] = -t.U[:, 0], -t.Vh[0]  # what another machine's SVD may hand back
+    step, tensors = train.read_checkpoint(path, None, 10)
+    train.restore_checkpoint(path, tensors, adapter, optimizer)
+    assert torch.equal(t.U, trained_u) and torch.equal(t.Vh, trained_vh)
