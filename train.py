@@ -166,7 +166,7 @@ def build_parser():
     a("--adapter", help="adapter file to evaluate with --eval-only (to continue training a run: --resume)")
 
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="Hugging Face folder of a Qwen2/Qwen2.5 checkpoint (default: toy/base)")
+    g.add_argument("--model", help="Hugging Face folder of a Qwen2/Qwen2.5, Llama 3.x or Qwen3 checkpoint (default: toy/base)")
     g.add_argument("--train-data", help="training jsonl: {'question', 'answer'} per line (GSM8K or \\boxed{})")
     g.add_argument("--eval-data", help="held-out jsonl in the same format")
     g.add_argument("--system", help="system prompt (default: the family's: Qwen2.5's own, none for Llama 3 and "
