@@ -526,21 +526,23 @@ def evaluate(net, tok, problems, s, adapter, decoding, label):
 def completion_record(index, problem, text, decoding, temperature):
     """One line of eval_<name>_<decoding>.jsonl: the problem (`index`: its 0-based place among the
     problems of --eval-data, blank lines not counted), the completion, the answers the strict
-    (`#### N`), flexible (last number) and boxed (`\\boxed{}`) checks read from it (None: none
-    found), and whether the first two are right."""
-    answer, flexible = data.extract_strict(text), data.extract_flexible(text)
+    (`#### N`), flexible (last number), paper (the authors' rule, against `Problem.reference`) and
+    boxed (`\\boxed{}`) checks read from it (None: none found), and whether the first three are right."""
+    answer, flexible, paper = data.extract_strict(text), data.extract_flexible(text), data.extract_paper(text)
     return {"index": index, "decoding": decoding, "temperature": temperature, "question": problem.question,
             "completion": text, "target": problem.target, "answer": answer, "correct": answer == problem.target,
             "flexible_answer": flexible, "flexible_correct": flexible == problem.target,
+            "paper_answer": paper, "paper_correct": paper is not None and paper == problem.reference,
             "boxed_answer": data.extract_boxed(text)}
 
 
 def accuracy(records):
-    """Strict and flexible accuracy of evaluation records, and the answer formats of their
-    completions: the share with a `#### N`, with a `\\boxed{}` answer, with neither."""
+    """Strict, flexible and paper-rule accuracy of evaluation records, and the answer formats of
+    their completions: the share with a `#### N`, with a `\\boxed{}` answer, with neither."""
     def share(test):
         return sum(map(test, records)) / len(records)
     return {"strict": share(lambda r: r["correct"]), "flexible": share(lambda r: r["flexible_correct"]),
+            "paper": share(lambda r: r["paper_correct"]),
             "formats": {"####": share(lambda r: r["answer"] is not None),
                         "boxed": share(lambda r: r["boxed_answer"] is not None),
                         "neither": share(lambda r: r["answer"] is None and r["boxed_answer"] is None)}}
@@ -557,10 +559,13 @@ def evaluation(net, tok, problems, s, adapter, name):
     return results
 
 
-def accuracy_line(name, acc, temperature):
-    label = {"greedy": "greedy", "sampled": f"sampled (T={temperature:g})"}
+def accuracy_line(name, acc, s):
+    """Strict and flexible accuracy per decoding; with --reward paper also the paper rule's, the
+    accuracy the paper reports (a before.json from an older run may lack it)."""
+    label = {"greedy": "greedy", "sampled": f"sampled (T={s.eval_temperature:g})"}
+    paper = s.reward == "paper" and all("paper" in a for a in acc.values())
     return f"{name:<7} " + " | ".join(f"{label[decoding]} strict {a['strict']:.3f} flexible {a['flexible']:.3f}"
-                                      for decoding, a in acc.items())
+                                      + (f" paper {a['paper']:.3f}" if paper else "") for decoding, a in acc.items())
 
 
 def formats_line(acc):
@@ -1133,6 +1138,7 @@ def read_before(path, s):
         return None
     for acc in before.values():
         if not (isinstance(acc, dict) and is_fraction(acc.get("strict")) and is_fraction(acc.get("flexible"))
+                and is_fraction(acc.get("paper", 0.0))  # runs before the paper column have none
                 and isinstance(acc.get("formats"), dict) and all(map(is_fraction, acc["formats"].values()))):
             return None
     return before
@@ -1297,7 +1303,7 @@ def evaluate_base_model(s, net, tok, test_set, adapter):
     before = evaluation(net, tok, test_set, s, adapter, "before")
     if rank() == 0:
         write_json(os.path.join(s.out, "before.json"), before)
-    print(accuracy_line("before", before, s.eval_temperature), flush=True)
+    print(accuracy_line("before", before, s), flush=True)
     print(formats_line(before), flush=True)
     warning = format_warning(before, s)
     if warning and rank() == 0:
@@ -1349,11 +1355,12 @@ def train_seconds(metrics):
 def report(s, adapter, adapter_path, total, before, after, metrics):
     """Print the before/after accuracies; write summary.json and curves.png."""
     file_bytes, param_bytes = tinylora.adapter_size(adapter_path)
-    print(accuracy_line("before", before, s.eval_temperature))
-    print(accuracy_line("after", after, s.eval_temperature))
+    print(accuracy_line("before", before, s))
+    print(accuracy_line("after", after, s))
     decoding = next(iter(after))  # greedy, unless --eval-decoding sampled
-    gain = after[decoding]["strict"] - before[decoding]["strict"]
-    print(f"{decoding} strict accuracy {before[decoding]['strict']:.3f} -> {after[decoding]['strict']:.3f} "
+    rule = "paper" if s.reward == "paper" and "paper" in before[decoding] else "strict"  # the paper's own number
+    gain = after[decoding][rule] - before[decoding][rule]
+    print(f"{decoding} {rule} accuracy {before[decoding][rule]:.3f} -> {after[decoding][rule]:.3f} "
           f"({100 * gain:+.1f} points) with {adapter.num_trainable:,} trained parameters")
     print(f"adapter: {adapter_path} ({file_bytes:,} bytes on disk, {param_bytes:,} bytes of parameters)")
     summary = {"command": s.command, "resumes": s.resumes, "processes": world_size(),
@@ -1381,7 +1388,7 @@ def eval_only(s, folder, net, tok, test_set):
     result = {"model": s.model, "adapter": s.adapter, "eval_data": s.eval_data, "problems": len(test_set), **acc}
     if rank() == 0:
         write_json(os.path.join(s.out, "summary.json"), {"command": s.command, **result})
-    print(accuracy_line(name, acc, s.eval_temperature))
+    print(accuracy_line(name, acc, s))
     print(formats_line(acc))
     print(f"run folder: {s.out} (eval_{name}_*.jsonl: every completion; summary.json)")
     print(json.dumps(result))

@@ -346,7 +346,8 @@ def test_evaluation_writes_every_completion_with_its_answers(setup, tmp_path, ca
         assert [r["index"] for r in records] == list(range(len(problems)))  # every problem, in file order
         for r, p in zip(records, problems):
             assert set(r) == {"index", "decoding", "temperature", "question", "completion", "target", "answer",
-                              "correct", "flexible_answer", "flexible_correct", "boxed_answer"}
+                              "correct", "flexible_answer", "flexible_correct", "paper_answer", "paper_correct",
+                              "boxed_answer"}
             assert (r["decoding"], r["temperature"], r["question"], r["target"]) == (decoding, temperature, p.question, p.target)
             assert r["answer"] == data.extract_strict(r["completion"]) and r["correct"] == (r["answer"] == p.target)
             assert r["flexible_correct"] == data.is_correct(r["completion"], p.target, "flexible")
@@ -360,8 +361,10 @@ def test_completion_records_count_the_answer_formats_and_the_format_warning_read
     records = [train.completion_record(i, problem, text, "greedy", 0.0) for i, text in enumerate(texts)]
     assert [(r["answer"], r["correct"], r["flexible_answer"], r["flexible_correct"], r["boxed_answer"]) for r in records] == [
         ("5", True, "5", True, None), (None, False, "5", True, "5"), ("4", False, "4", False, "4"), (None, False, "5", True, None)]
+    assert [(r["paper_answer"], r["paper_correct"]) for r in records] == [("5", True), (None, False), ("4", False),
+                                                                          (None, False)]
     acc = train.accuracy(records)
-    assert acc == {"strict": 0.25, "flexible": 0.75, "formats": {"####": 0.5, "boxed": 0.5, "neither": 0.25}}
+    assert acc == {"strict": 0.25, "flexible": 0.75, "paper": 0.25, "formats": {"####": 0.5, "boxed": 0.5, "neither": 0.25}}
     s = train.parse_args(["--model", "m", "--out", "run"])
     assert train.format_warning({"greedy": acc}, s) is None  # half the completions have '#### N'
     rare = {"greedy": {**acc, "formats": {"####": 0.04, "boxed": 0.9, "neither": 0.06}}}
@@ -450,3 +453,20 @@ def test_a_resume_gives_near_tied_columns_the_sign_they_had_in_training(setup, t
     step, tensors = train.read_checkpoint(path, None, 10)
     train.restore_checkpoint(path, tensors, adapter, optimizer)
     assert torch.equal(t.U, trained_u) and torch.equal(t.Vh, trained_vh)
+
+
+def test_the_paper_preset_reports_the_paper_rule_accuracy(setup, tmp_path, capsys):
+    """Under --reward paper the accuracy lines and the gain line add the authors' rule (the paper's
+    76% -> 91% is measured with it); every evaluation record carries its answer and verdict."""
+    out = tmp_path / "run"
+    assert train.main(tiny_args(setup, out, "--reward", "paper")) == 0
+    printed = capsys.readouterr().out
+    assert "paper " in printed.split("\nbefore ")[1].splitlines()[0] and "\ngreedy paper accuracy " in printed
+    record = json.loads(open(out / "eval_after_greedy.jsonl").readline())
+    assert {"paper_answer", "paper_correct"} <= set(record)
+    assert record["paper_correct"] == (record["paper_answer"] is not None and record["paper_answer"] ==
+                                       data.reward_target(data.Problem(record["question"], "", record["target"]), "paper"))
+    summary = json.load(open(out / "summary.json"))
+    assert 0 <= summary["after"]["greedy"]["paper"] <= 1
+    assert train.main(tiny_args(setup, tmp_path / "lenient")) == 0  # the default reward: no paper column
+    assert " paper " not in capsys.readouterr().out.split("\nbefore ")[1].splitlines()[0]
