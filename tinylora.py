@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model import ModelConfig, Transformer
 
@@ -337,18 +337,15 @@ def truncated_svd(W, r, exact=False, oversample=16, tol=1e-4, max_iter=100, seed
             U, S, Vh = _ritz(A, Q)  # [m, q], [q], [q, n]
             Y = (Vh @ A.T).T  # [m, q] = A V: gives the residuals, and the next basis of the range of W
             residuals = (Y[:, :r] - U[:, :r] * S[:r]).norm(dim=0)  # W^T u_i - s_i v_i is 0 here (`_ritz`)
-            fp32, noisy = A.dtype != torch.float64, residuals.max() <= floor * S[0]  # noisy: fp32 rounding dominates
-            bound = _sine_bound(S, residuals, r, W.shape[1])
-            if bound <= tol or (fp32 and noisy):
-                if fp32 and noisy:  # the fp32 residuals cannot be trusted: check the pairs in fp64
-                    bound = _fp64_sine_bound(W, U, S, Vh, r)
-                if bound <= tol:
-                    report = {"method": "randomized", "passes": passes}
-                    U, S, Vh = U.to(W.dtype), S.to(W.dtype), Vh.to(W.dtype)
-                    break
-                if fp32:  # fp32 rounding stopped the progress: go on in fp64 from here
-                    A = W.double()
-                    Y = (Vh.double() @ A.T).T
+            stalled = A.dtype != torch.float64 and residuals.max() <= floor * S[0]  # fp32 rounding dominates them
+            bound = _fp64_sine_bound(W, U, S, Vh, r) if stalled else _sine_bound(S, residuals, r, W.shape[1])
+            if bound <= tol:
+                report = {"method": "randomized", "passes": passes}
+                U, S, Vh = U.to(W.dtype), S.to(W.dtype), Vh.to(W.dtype)
+                break
+            if stalled:  # fp32 cannot get closer: go on in fp64 from here
+                A = W.double()
+                Y = (Vh.double() @ A.T).T
             Q = torch.linalg.qr(Y).Q
         else:
             exact, report["passes"] = True, max_iter
@@ -378,9 +375,8 @@ def svd_factors(targets, config, model_fingerprint, cache_dir=DEFAULT_CACHE_DIR,
     cached, reports = {}, {}
     if path and os.path.isfile(path):
         try:
-            with safe_open(path, "pt", device=str(device)) as f:
-                reports = json.loads((f.metadata() or {}).get("reports", "{}"))
-                cached = {k: f.get_tensor(k) for k in f.keys()}
+            meta, cached = read_safetensors(path, device)
+            reports = json.loads(meta.get("reports", "{}"))
         except (OSError, SafetensorError, ValueError) as e:
             print(f"tinylora: ignoring unreadable SVD cache {path} ({e})", file=sys.stderr)
             cached = {}
@@ -451,6 +447,12 @@ def svd_summary(reports):
     worst = max(r["sine_bound"] for r in reports.values())
     return (f"{len(randomized)} by subspace iteration (median {passes} passes), {len(reports) - len(randomized)} exact; "
             f"every U, V within sine {worst:.1e} of the exact SVD's")
+
+
+def read_safetensors(path, device="cpu"):
+    """(metadata dict, {name: tensor}) of a safetensors file; OSError / SafetensorError propagate."""
+    with safe_open(path, "pt", device=str(device)) as f:
+        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _atomic_save(tensors, path, metadata=None):
@@ -654,9 +656,7 @@ def load_adapter(model, path, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
     """Attach the adapter saved at `path` to `model` (P and the SVD rebuilt). Refuses, with an
     AdapterError and before touching the model, a different base model or an inconsistent file."""
     try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = read_safetensors(path)
     except (OSError, SafetensorError) as e:
         raise AdapterError(f"{path}: not a readable safetensors file ({e})") from None
     if (meta.get("format"), meta.get("format_version")) != (FORMAT, FORMAT_VERSION):

@@ -82,7 +82,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch is imported (seconds): one li
 import numpy as np  # noqa: E402 (after the handler above)
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 import data
 import grpo
@@ -612,13 +612,12 @@ def save_checkpoint(path, adapter, optimizer, step, run_id=None):
 
 
 def read_checkpoint(path, run_id, total):
-    """-> (step, tensors) of a checkpoint, checked: readable, of this run (its run id is args.json's),
-    a step within the run's `total`, every value finite. Nothing is loaded into the model here."""
+    """-> (step, tensors, sign anchors) of a checkpoint, checked: readable, of this run (its run id
+    is args.json's), a step within the run's `total`, every value finite, anchors a list of
+    [module, column, row]. Nothing is loaded into the model here."""
     restart = "remove it to restart the run from step 0, or start a new run"
     try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = tinylora.read_safetensors(path)
     except (OSError, SafetensorError) as e:
         raise UsageError(f"{path}: unreadable checkpoint (truncated or corrupt?): {e}; {restart}") from None
     if meta.get("run_id", "") != (run_id or ""):
@@ -632,13 +631,19 @@ def read_checkpoint(path, run_id, total):
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UsageError(f"{path}: tensor {key!r} has non-finite values (NaN or inf); {restart}")
-    return int(step), tensors
+    try:
+        anchors = [(str(name), int(k), int(row)) for name, k, row in json.loads(meta.get("sign_anchors", "[]"))]
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{path}: metadata 'sign_anchors' is invalid ({e}); {restart}") from None
+    return int(step), tensors, anchors
 
 
-def restore_checkpoint(path, tensors, adapter, optimizer):
-    """Put a checkpoint's tensors (read_checkpoint) into the adapter and the optimizer, after checking
-    that each has the name and shape they need. The optimizer keeps its own hyperparameters (the
-    run's settings; the learning rate is set every step)."""
+def restore_checkpoint(path, tensors, anchors, adapter, optimizer):
+    """Put a checkpoint's tensors and sign anchors (read_checkpoint) into the adapter and the
+    optimizer, after checking that each tensor has the name and shape they need. The optimizer
+    keeps its own hyperparameters (the run's settings; the learning rate is set every step); the
+    anchors give near-tied U columns their training-time sign (v keeps its meaning on a machine
+    whose SVD flips one)."""
     params = optimizer.param_groups[0]["params"]
     expected = {f"adapter.{name}": tuple(t.shape) for name, t in adapter.tensors.items()}
     state = {}
@@ -666,13 +671,7 @@ def restore_checkpoint(path, tensors, adapter, optimizer):
         for name, param in adapter.tensors.items():
             param.copy_(tensors[f"adapter.{name}"])
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    with safe_open(path, "pt") as f:  # v keeps its meaning on a machine whose SVD flips a near-tied column
-        try:
-            anchors = json.loads((f.metadata() or {}).get("sign_anchors", "[]"))
-            tinylora.apply_sign_anchors(adapter, [tuple(a) for a in anchors], path)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"{path}: metadata 'sign_anchors' is invalid ({e}); remove the checkpoint to restart "
-                             "from step 0") from None
+    tinylora.apply_sign_anchors(adapter, anchors, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1257,16 +1256,17 @@ def log_names(s):
 
 def read_run_state(s, n_train):
     """What a resumed run continues from, read and checked before the model loads -> (the
-    checkpoint's step and tensors, (0, None) without one: stopped before its first; each log's lines
-    up to that step; before.json, None when missing or damaged). A new run: (0, None, {}, None)."""
+    checkpoint's step and [tensors, sign anchors], (0, None) without one: stopped before its first;
+    each log's lines up to that step; before.json, None when missing or damaged). A new run:
+    (0, None, {}, None)."""
     if not s.resume:
         return 0, None, {}, None
-    start, tensors = 0, None
+    start, checkpoint = 0, None
     ckpt = os.path.join(s.out, "checkpoint.safetensors")
     if os.path.exists(ckpt):
-        start, tensors = read_checkpoint(ckpt, s.run_id, total_steps(s, n_train))
+        start, *checkpoint = read_checkpoint(ckpt, s.run_id, total_steps(s, n_train))  # [tensors, anchors]
     logs = {name: read_log(os.path.join(s.out, name), start) for name in log_names(s)}
-    return start, tensors, logs, read_before(os.path.join(s.out, "before.json"), s)
+    return start, checkpoint, logs, read_before(os.path.join(s.out, "before.json"), s)
 
 
 def begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, total):
@@ -1275,11 +1275,11 @@ def begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, tota
     and metrics.jsonl and samples.jsonl as they stand at the first step: a resumed run drops the
     lines of steps after its checkpoint, lost with the kill and run again. A new run then evaluates
     the base model, as does a resumed one whose before.json is missing or damaged."""
-    start, tensors, kept, before = state
+    start, checkpoint, kept, before = state
     ckpt = os.path.join(s.out, "checkpoint.safetensors")
-    if tensors is not None:  # rank-independent: any process count resumes it
-        restore_checkpoint(ckpt, tensors, adapter, optimizer)
-    check_outputs(net, tok, adapter, ckpt if tensors is not None else s.model)
+    if checkpoint is not None:  # rank-independent: any process count resumes it
+        restore_checkpoint(ckpt, *checkpoint, adapter, optimizer)
+    check_outputs(net, tok, adapter, ckpt if checkpoint is not None else s.model)
     if world_size() > 1:
         dist.barrier()  # every process has read the run folder before rank 0 rewrites it
     folder.start()

@@ -450,8 +450,8 @@ def test_a_resume_gives_near_tied_columns_the_sign_they_had_in_training(setup, t
     trained_u, trained_vh = t.U.clone(), t.Vh.clone()
     t.U, t.Vh = t.U.clone(), t.Vh.clone()
     t.U[:, 0], t.Vh[0] = -t.U[:, 0], -t.Vh[0]  # what another machine's SVD may hand back
-    step, tensors = train.read_checkpoint(path, None, 10)
-    train.restore_checkpoint(path, tensors, adapter, optimizer)
+    step, tensors, anchors = train.read_checkpoint(path, None, 10)
+    train.restore_checkpoint(path, tensors, anchors, adapter, optimizer)
     assert torch.equal(t.U, trained_u) and torch.equal(t.Vh, trained_vh)
 
 
