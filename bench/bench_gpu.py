@@ -511,9 +511,9 @@ def gsm8k_estimate(run, m):
     in `m`. Per step: merge + unmerge, the rollout's prefill and decoding (generate runs until the
     longest of its rows stops, every row computed until then), then the policy update in
     micro-batches (plus a no-grad pass for the old log-probs when a batch serves several updates)."""
-    import train  # the preset's numbers, from the one place that defines them
+    import settings  # the preset's numbers, from the one place that defines them
 
-    preset, args, shape = train.PRESETS["gsm8k-paper"], run.args, run.sizes.big
+    preset, args, shape = {**settings.DEFAULTS, **settings.PRESETS["gsm8k-paper"]}, run.args, run.sizes.big
     prompts, samples, micro, cap = preset["prompts_per_step"], preset["samples"], preset["micro_batch"], preset["max_new_tokens"]
     epochs, rows = preset["epochs"], preset["prompts_per_step"] * preset["samples"]
     steps = epochs * math.ceil(GSM8K_TRAIN / prompts)

@@ -15,6 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import model as M
+import runs
+import settings
 import train
 from test_train import setup, tiny_args  # noqa: F401 (the module's tiny checkpoint and data)
 
@@ -93,7 +95,7 @@ def test_a_folder_in_use_by_another_process_is_refused(setup, run, capsys, resum
     if not resume:
         shutil.rmtree(run)
         run.mkdir()
-    with open(run / train.LOCK_FILE, "w") as holder:
+    with open(run / runs.LOCK_FILE, "w") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
         holder.write("4242\n")
         holder.flush()
@@ -107,11 +109,11 @@ def test_a_folder_in_use_by_another_process_is_refused(setup, run, capsys, resum
 def test_default_run_folders_started_in_the_same_second_differ(setup, tmp_path, capsys, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
 
-    class Frozen(train.datetime):
+    class Frozen(runs.datetime):
         @classmethod
         def now(cls, tz=None):
             return cls(2026, 1, 2, 3, 4, 5)
-    monkeypatch.setattr(train, "datetime", Frozen)
+    monkeypatch.setattr(runs, "datetime", Frozen)
     args = ["--eval-only", "--model", setup["model"], "--eval-data", setup["eval"], "--eval-limit", "1",
             "--max-new-tokens", "2", "--device", "cpu", "--eval-decoding", "greedy"]
     assert train.main(args) == 0 and train.main(args) == 0
@@ -330,12 +332,12 @@ def test_training_flags_are_refused_by_eval_only(setup, tmp_path, capsys):  # no
 def test_switching_method_on_a_preset_just_works_and_a_preset_value_is_named():
     for method in ("lora", "full", "lora-xs"):
         s = train.parse_args(["--method", method])
-        train.check_settings(s)  # the toy preset's u = 13 and n_tie = all give way where they mean nothing
+        settings.check_settings(s)  # the toy preset's u = 13 and n_tie = all give way where they mean nothing
         assert s.u == 1 and (s.n_tie == "all") == (method == "lora-xs")
     s = train.parse_args(["--preset", "gsm8k-paper", "--model", "m", "--train-data", "t", "--eval-data", "e",
                           "--prompts-per-step", "3"])
     with pytest.raises(train.UsageError, match=r"--mini-batches 2 \(set by --preset gsm8k-paper\)"):
-        train.check_settings(s)
+        settings.check_settings(s)
 
 
 def test_resume_applies_steps_refuses_other_changes_and_rebuilds_a_damaged_before_json(run, capsys):

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 import data
 import grpo
 import tinylora
+import runs
+import settings
 import train
 from conftest import write_checkpoint
 from model import load_model
@@ -290,20 +292,31 @@ def test_curves_png_is_written_when_matplotlib_is_installed(tmp_path):
     assert path == str(tmp_path / "curves.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_keep_probs_trains_the_same_adapter(setup, tmp_path):
-    """--keep-probs changes how backward gets the softmax (kept, not recomputed), not the gradient."""
-    adapters = {}
-    for flags in ([], ["--keep-probs"]):
-        out = tmp_path / ("keep" if flags else "recompute")
-        assert train.main(tiny_args(setup, out, "--steps", "2", "--eval-limit", "1", *flags)) == 0
-        assert json.load(open(out / "args.json"))["keep_probs"] == bool(flags)
-        adapters[bool(flags)] = load_file(str(out / "adapter.safetensors"))["v"]
-    assert torch.allclose(adapters[True], adapters[False], rtol=1e-4, atol=1e-6)
-    assert not torch.equal(adapters[True], torch.zeros_like(adapters[True]))  # it trained
+def test_a_run_saved_with_a_retired_setting_resumes(setup, tmp_path):
+    """args.json of an older version may hold a setting since removed (keep_probs): --resume ignores
+    it instead of refusing the run."""
+    out = tmp_path / "run"
+    assert train.main(tiny_args(setup, out, "--steps", "1", "--eval-limit", "1")) == 0
+    saved = json.load(open(out / "args.json"))
+    json.dump({**saved, "keep_probs": True}, open(out / "args.json", "w"))
+    assert train.main(["--resume", "--out", str(out), "--steps", "2"]) == 0
+    assert "keep_probs" not in json.load(open(out / "args.json"))
 
 
-# --------------------------------------------------------------------------------------------
-# What a user meets on a real checkpoint: the answer formats, no-signal runs, progress, completions
+def test_help_shows_every_default_and_the_presets(capsys):
+    """--help is made from settings.SETTINGS: each flag with a default shows it, and the presets
+    are listed with what they change."""
+    with pytest.raises(SystemExit):
+        settings.parse_args(["--help"])
+    out = capsys.readouterr().out
+    text = " ".join(out.split())
+    for name, (default, kind, _) in settings.SPEC.items():
+        if default is not None and kind is not bool:
+            assert f"(default: {default})" in text, name
+    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if ":" in line}
+    for name, preset in settings.PRESETS.items():
+        assert all(f"{settings.flag(k)} " in lines[name] for k in preset), name
+    assert "--lr 0.01 " in lines["toy"] and "--system '' " in lines["toy"] and "--clip-high 0.4 " in lines["gsm8k-paper"]
 
 
 def test_a_reward_that_never_reads_an_answer_is_reported_before_and_during_training(setup, tmp_path, capsys):
@@ -393,8 +406,8 @@ def test_long_phases_print_progress_lines_in_a_log(setup, tmp_path, capsys, monk
             "--device", "cpu", "--eval-batch", "3", "--eval-decoding", "greedy"]
     assert train.main([*args, "--out", str(tmp_path / "quiet")]) == 0
     assert "tokens through the model" not in capsys.readouterr().out  # a phase of a second stays quiet
-    monkeypatch.setattr(train, "PROGRESS_AFTER", 0.0)  # as if every phase were long
-    monkeypatch.setattr(train, "PROGRESS_EVERY", {True: 0.0, False: 0.0})
+    monkeypatch.setattr(runs, "PROGRESS_AFTER", 0.0)  # as if every phase were long
+    monkeypatch.setattr(runs, "PROGRESS_EVERY", {True: 0.0, False: 0.0})
     assert train.main([*args, "--out", str(tmp_path / "loud")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "tokens through the model" in line]
     assert lines[0].startswith("eval_base_greedy | 0/6 problems | ") and "so far" in lines[0]
@@ -403,8 +416,8 @@ def test_long_phases_print_progress_lines_in_a_log(setup, tmp_path, capsys, monk
 
 
 def test_progress_on_a_terminal_is_one_line_redrawn_and_cleared(monkeypatch, capsys):
-    monkeypatch.setattr(train, "PROGRESS_AFTER", 0.0)
-    monkeypatch.setattr(train, "PROGRESS_EVERY", {True: 0.0, False: 0.0})
+    monkeypatch.setattr(runs, "PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(runs, "PROGRESS_EVERY", {True: 0.0, False: 0.0})
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     net = SimpleNamespace(model=SimpleNamespace(norm=torch.nn.Identity()))
     with train.Progress(net, "evaluating", total=4) as progress:
