@@ -38,8 +38,8 @@ without the sign. Non-numeric boxed answers (`\\sqrt{2}`, `x+1`) are compared as
 removing spaces and `\\left`/`\\right`/`\\dfrac`-style spelling variants; this is not a
 symbolic-equivalence checker.
 
-Reward: 1.0 for a correct answer, else `format_bonus` (0 by default) when the check found an
-answer at all (for strict: a well-formed `#### N`), else 0. No answer check raises on any string.
+Reward: 1.0 for a correct answer, else 0 (the paper's exact-match reward, no format bonus). No
+answer check raises on any string.
 """
 
 import json
@@ -226,13 +226,9 @@ def is_correct(completion, target, mode="strict"):
     return answer is not None and answer == target
 
 
-def reward(completion, target, mode="strict", format_bonus=0.0):
-    """1.0 when correct; `format_bonus` when `mode` found an answer that is wrong; else 0.0."""
-    check_mode(mode)
-    answer = EXTRACTORS[mode](completion)
-    if answer is None:
-        return 0.0
-    return 1.0 if answer == target else float(format_bonus)
+def reward(completion, target, mode="strict"):
+    """1.0 when the answer `mode` finds in `completion` equals `target`, else 0.0."""
+    return float(is_correct(completion, target, mode))
 
 
 @dataclass
@@ -242,14 +238,43 @@ class Scores:
     flexible: list  # [N] bools under the last-number check, reported next to `correct`
 
 
-def score(completions, targets, mode="strict", format_bonus=0.0):
+def score(completions, targets, mode="strict"):
     """Rewards and correctness of N completion texts against N normalised targets."""
     if len(completions) != len(targets):
         raise ValueError(f"score: {len(completions)} completions but {len(targets)} targets; repeat each "
                          "target once per sample")
-    return Scores(rewards=[reward(c, t, mode, format_bonus) for c, t in zip(completions, targets)],
+    return Scores(rewards=[reward(c, t, mode) for c, t in zip(completions, targets)],
                   correct=[is_correct(c, t, mode) for c, t in zip(completions, targets)],
                   flexible=[is_correct(c, t, "flexible") for c, t in zip(completions, targets)])
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation records: one per completion, and the accuracy of a list of them
+
+
+def completion_record(index, problem, text, decoding, temperature):
+    """One line of eval_<name>_<decoding>.jsonl: the problem (`index`: its 0-based place among the
+    problems of --eval-data, blank lines not counted), the completion, the answers the strict
+    (`#### N`), flexible (last number), paper (the authors' rule, against `Problem.reference`) and
+    boxed (`\\boxed{}`) checks read from it (None: none found), and whether the first three are right."""
+    answer, flexible, paper = extract_strict(text), extract_flexible(text), extract_paper(text)
+    return {"index": index, "decoding": decoding, "temperature": temperature, "question": problem.question,
+            "completion": text, "target": problem.target, "answer": answer, "correct": answer == problem.target,
+            "flexible_answer": flexible, "flexible_correct": flexible == problem.target,
+            "paper_answer": paper, "paper_correct": paper is not None and paper == problem.reference,
+            "boxed_answer": extract_boxed(text)}
+
+
+def accuracy(records):
+    """Strict, flexible and paper-rule accuracy of evaluation records, and the answer formats of
+    their completions: the share with a `#### N`, with a `\\boxed{}` answer, with neither."""
+    def share(test):
+        return sum(map(test, records)) / len(records)
+    return {"strict": share(lambda r: r["correct"]), "flexible": share(lambda r: r["flexible_correct"]),
+            "paper": share(lambda r: r["paper_correct"]),
+            "formats": {"####": share(lambda r: r["answer"] is not None),
+                        "boxed": share(lambda r: r["boxed_answer"] is not None),
+                        "neither": share(lambda r: r["answer"] is None and r["boxed_answer"] is None)}}
 
 
 # --------------------------------------------------------------------------------------------

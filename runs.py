@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -515,3 +516,27 @@ class Progress:
             self.drawn = True
         else:
             print(" | ".join(parts), flush=True)
+
+
+class StopRequest:
+    """Ctrl-C during the training steps: the first asks to stop after the current step, with a
+    checkpoint (`requested`); a second stops at once (KeyboardInterrupt). Restores the previous
+    handler on exit."""
+
+    def __init__(self, verbose):
+        self.requested, self.verbose = False, verbose
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            print("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)

@@ -59,7 +59,7 @@ import data
 import grpo
 import model as M
 import tinylora
-from runs import (Progress, RunFolder, UsageError, append_jsonl, clock, first_on_each_machine, gather_lists, interrupted_line,
+from runs import (Progress, RunFolder, StopRequest, UsageError, append_jsonl, clock, first_on_each_machine, gather_lists, interrupted_line,
                   join_processes, my_share, os_error_line, out_of_memory_line, plot_curves, rank, read_before,
                   read_checkpoint, read_log, restore_checkpoint, save_checkpoint, sum_over_processes, world_size,
                   write_json, write_jsonl)
@@ -67,129 +67,15 @@ from settings import (DECODINGS, DEFAULTS, MAX_SCALE, SESSION_ONLY, check_inputs
                       total_steps)
 
 
-
 # --------------------------------------------------------------------------------------------
-# Evaluation
+# One training step: the problems of the step, then GRPO (or SFT) on this process's share
 
-FORMAT_WARNING = 0.05  # warn when fewer of the base model's completions have the reward's answer format
-
-
-def sampling_seeds(seed, stream, first, count):
-    """One sampling seed per prompt, a function of (run seed, stream, position) alone: stream 0 is
-    the evaluation (position = problem index), stream k the k-th training step (position = index in
-    the step's batch). So a completion does not depend on batching or on which process draws it."""
-    return [int(np.random.SeedSequence([seed, stream, i]).generate_state(1)[0]) for i in range(first, first + count)]
-
-
-def evaluate(net, tok, problems, s, adapter, decoding, label):
-    """One completion per problem with the adapter folded in, greedy or sampled at
-    --eval-temperature -> (accuracy dict, records); `label` names the phase in progress lines.
-    Under torchrun each process answers a consecutive share of the problems and the records are
-    gathered: every process returns all of them, in problem order."""
-    temperature, seed = (0.0, 0) if decoding == "greedy" else (s.eval_temperature, s.seed)
-    first, end = len(problems) * rank() // world_size(), len(problems) * (rank() + 1) // world_size()
-    mine = problems[first:end]
-    prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in mine]
-    seeds = sampling_seeds(seed, 0, first, len(mine))
-    records = []
-    with Progress(net, label, len(mine)) as progress:
-        for i in range(0, len(prompts), s.eval_batch):
-            out = grpo.rollout(net, tok, prompts[i:i + s.eval_batch], 1, s.max_new_tokens, temperature, 1.0,
-                               adapter=adapter, seeds=seeds[i:i + s.eval_batch])
-            records += [completion_record(first + i + j, problem, text, decoding, temperature)
-                        for j, (problem, text) in enumerate(zip(mine[i:i + s.eval_batch], out.texts))]
-            progress.advance(len(out.texts))
-    records = gather_lists(records)
-    return accuracy(records), records
-
-
-def completion_record(index, problem, text, decoding, temperature):
-    """One line of eval_<name>_<decoding>.jsonl: the problem (`index`: its 0-based place among the
-    problems of --eval-data, blank lines not counted), the completion, the answers the strict
-    (`#### N`), flexible (last number), paper (the authors' rule, against `Problem.reference`) and
-    boxed (`\\boxed{}`) checks read from it (None: none found), and whether the first three are right."""
-    answer, flexible, paper = data.extract_strict(text), data.extract_flexible(text), data.extract_paper(text)
-    return {"index": index, "decoding": decoding, "temperature": temperature, "question": problem.question,
-            "completion": text, "target": problem.target, "answer": answer, "correct": answer == problem.target,
-            "flexible_answer": flexible, "flexible_correct": flexible == problem.target,
-            "paper_answer": paper, "paper_correct": paper is not None and paper == problem.reference,
-            "boxed_answer": data.extract_boxed(text)}
-
-
-def accuracy(records):
-    """Strict, flexible and paper-rule accuracy of evaluation records, and the answer formats of
-    their completions: the share with a `#### N`, with a `\\boxed{}` answer, with neither."""
-    def share(test):
-        return sum(map(test, records)) / len(records)
-    return {"strict": share(lambda r: r["correct"]), "flexible": share(lambda r: r["flexible_correct"]),
-            "paper": share(lambda r: r["paper_correct"]),
-            "formats": {"####": share(lambda r: r["answer"] is not None),
-                        "boxed": share(lambda r: r["boxed_answer"] is not None),
-                        "neither": share(lambda r: r["answer"] is None and r["boxed_answer"] is None)}}
-
-
-def evaluation(net, tok, problems, s, adapter, name):
-    """Evaluate with each decoding of --eval-decoding -> {decoding: accuracy dict}; rank 0 writes
-    every completion to eval_<name>_<decoding>.jsonl in the run folder."""
-    results = {}
-    for decoding in DECODINGS[s.eval_decoding]:
-        results[decoding], records = evaluate(net, tok, problems, s, adapter, decoding, label=f"eval_{name}_{decoding}")
-        if rank() == 0:
-            write_jsonl(os.path.join(s.out, f"eval_{name}_{decoding}.jsonl"), records)
-    return results
-
-
-def accuracy_line(name, acc, s):
-    """Strict and flexible accuracy per decoding; with --reward paper also the paper rule's, the
-    accuracy the paper reports (a before.json from an older run may lack it)."""
-    label = {"greedy": "greedy", "sampled": f"sampled (T={s.eval_temperature:g})"}
-    paper = s.reward == "paper" and all("paper" in a for a in acc.values())
-    return f"{name:<7} " + " | ".join(f"{label[decoding]} strict {a['strict']:.3f} flexible {a['flexible']:.3f}"
-                                      + (f" paper {a['paper']:.3f}" if paper else "") for decoding, a in acc.items())
-
-
-def formats_line(acc):
-    """How the completions write their answer, per decoding (a completion may have both formats)."""
-    parts = [f"{decoding}: '#### N' {a['formats']['####']:.3f}, \\boxed{{}} {a['formats']['boxed']:.3f}, "
-             f"neither {a['formats']['neither']:.3f}" for decoding, a in acc.items()]
-    return "formats " + " | ".join(parts)
-
-
-def format_warning(acc, s):
-    """A warning when the base model rarely writes the answer format that the GRPO reward reads,
-    else None (`flexible` reads any number: never)."""
-    needs = {"strict": "####", "paper": "####", "boxed": "boxed"}.get(s.reward)
-    if needs is None or s.algo != "grpo":
-        return None
-    share = max(a["formats"][needs] for a in acc.values())
-    if share >= FORMAT_WARNING:
-        return None
-    written = {"####": "'#### N'", "boxed": "\\boxed{}"}[needs]
-    return (f"warning: the base model wrote {written}, the answer format that --reward {s.reward} reads, in {share:.1%} "
-            "of its completions: nearly every reward will be 0, and GRPO learns nothing from a group whose rewards are "
-            f"equal. Read its completions in {os.path.join(s.out, 'eval_before_*.jsonl')}; then use a reward that reads "
-            "them (--reward boxed for \\boxed{}, --reward flexible for the last number) or an --instruction the model "
-            "follows (docs/reproducing.md, 'Answer formats')")
-
-
-
-# --------------------------------------------------------------------------------------------
-# The run
-
-NO_SIGNAL_STEPS = 2  # GRPO steps in a row with equal rewards in every group before the no-signal warning
 SAMPLES_PER_STEP = 2  # completions of every GRPO step kept in samples.jsonl
-
-
-def session_command(argv):
-    """This invocation as a command line, for args.json and summary.json."""
-    launcher = "python" if world_size() == 1 else f"torchrun --nproc_per_node={world_size()}"
-    return f"{launcher} train.py " + " ".join(argv)
 
 
 def data_order(n, epoch, seed):
     """Problem indices for one epoch: a fixed shuffle per (seed, epoch)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
 
 def step_problems(problems, step, per_step, seed):
     """The problems of a global step: consecutive slices of per-epoch shuffles."""
@@ -198,50 +84,16 @@ def step_problems(problems, step, per_step, seed):
     order = data_order(len(problems), epoch, seed)
     return [problems[i] for i in order[index * per_step:(index + 1) * per_step]]
 
-
-
-def build(s):
-    """Load the model and tokenizer (check_inputs has checked the rest)."""
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(s.model, "*.safetensors")))
-    if size > 1e9 and rank() == 0:  # a real checkpoint: reading it takes a while
-        print(f"loading {s.model} ({size / 1e9:.1f} GB) ...", flush=True)
-    tok = M.load_tokenizer(s.model)  # seconds: a missing tokenizer.json is reported before the minutes of loading
-    return M.load_model(s.model, s.dtype, s.device), tok
-
-
-def make_adapter(net, s):
-    """Attach the adapter the flags describe; --n-tie all = one group for every target module."""
-    n_tie = len(tinylora.find_targets(net)) if str(s.n_tie) == "all" else int(s.n_tie)
-    cfg = tinylora.TinyLoRAConfig(method=s.method, r=s.r, u=s.u, n_tie=n_tie, tiling=s.tiling, seed=s.proj_seed,
-                                  scale=s.scale, svd=s.svd)
-    try:
-        tinylora.plan(net, cfg)  # the adapter's shapes on this model: "n_tie=99 is more than the 14 target modules"
-    except ValueError as e:
-        name = {"seed": "proj_seed"}.get(str(e).split("=", 1)[0], str(e).split("=", 1)[0])
-        raise UsageError(f"{named(s, name)}: {e}" if name in DEFAULTS else str(e)) from None
-    adapter, _ = first_on_each_machine(lambda: tinylora.attach(net, cfg, cache_dir=svd_cache(s), quiet=quiet_svd(net)))
-    return adapter
-
-
-def svd_cache(s):
-    """--svd-cache as tinylora takes it: a folder, or None for no cache."""
-    return None if s.svd_cache == "none" else s.svd_cache
-
-
-def quiet_svd(net):
-    """Whether tinylora keeps its SVD messages (progress every 2 s, summary, tied-values warning)
-    to itself: in the processes that do not print, and for models under 10M parameters (the toy),
-    whose SVD takes well under a second."""
-    return rank() > 0 or sum(p.numel() for p in net.parameters()) < 10_000_000
-
+def sampling_seeds(seed, stream, first, count):
+    """One sampling seed per prompt, a function of (run seed, stream, position) alone: stream 0 is
+    the evaluation (position = problem index), stream k the k-th training step (position = index in
+    the step's batch). So a completion does not depend on batching or on which process draws it."""
+    return [int(np.random.SeedSequence([seed, stream, i]).generate_state(1)[0]) for i in range(first, first + count)]
 
 def lr_at(step, total, s):
     """Linear warm-up over the first warmup * total steps, then constant."""
     warm = int(s.warmup * total)
     return s.lr * min(1.0, (step + 1) / warm) if warm else s.lr
-
 
 def grpo_step(net, tok, adapter, optimizer, batch, s, step):
     """Rollout, rewards and update on this process's share of the step's batch -> (the step's
@@ -275,7 +127,6 @@ def grpo_step(net, tok, adapter, optimizer, batch, s, step):
                for i in range(min(SAMPLES_PER_STEP, len(out.texts)))]
     return metrics, samples
 
-
 def sft_step(net, tok, adapter, optimizer, batch, s):
     """Next-token loss on the demonstrations (prompt tokens excluded), token-mean, one optimizer step.
     Under torchrun each process takes its share of the batch; the token count, the gradient and the
@@ -304,16 +155,10 @@ def sft_step(net, tok, adapter, optimizer, batch, s):
     optimizer.step()
     return {"loss": loss_sum, "tokens": int(total), "grad_norm": grad_norm}, []
 
+# --------------------------------------------------------------------------------------------
+# The training run: steps, checkpoints, logs, then the evaluation of the trained adapter
 
-def progress_line(step, total, m, elapsed, tokens_per_s, steps_this_session):
-    eta = elapsed / steps_this_session * (total - step)  # a resumed run times only its own steps
-    parts = [f"step {step}/{total}"]
-    if "reward" in m:
-        parts += [f"reward {m['reward']:.3f}", f"acc strict {m['acc_strict']:.3f} flexible {m['acc_flexible']:.3f}",
-                  f"len {m['length']:.1f}", f"clip {m['clip_frac']:.3f}"]
-    parts += [f"loss {m['loss']:.4f}", f"{tokens_per_s:,.0f} tok/s", f"ETA {clock(eta)}"]
-    return " | ".join(parts)
-
+NO_SIGNAL_STEPS = 2  # GRPO steps in a row with equal rewards in every group before the no-signal warning
 
 
 def train(s, folder, state, net, tok, train_set, test_set):
@@ -324,75 +169,65 @@ def train(s, folder, state, net, tok, train_set, test_set):
           f"trainable parameters: {adapter.num_trainable:,} | device {s.device}{processes}", flush=True)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     total = total_steps(s, len(train_set))
-    writes = rank() == 0  # under torchrun rank 0 alone writes the run folder
-    ckpt = os.path.join(s.out, "checkpoint.safetensors")
     start, before, metrics = begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, total)
-
-    interrupted = False
-
-    def on_sigint(*_):  # the first Ctrl-C: finish the step, save, exit cleanly; the second: stop now
-        nonlocal interrupted
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted = True
-        if writes:
-            print("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    t0, tokens_seen, flat = time.time(), 0, 0  # flat: steps in a row without a learning signal
-    try:
-        for step in range(start, total):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, s)
-            batch = step_problems(train_set, step, s.prompts_per_step, s.seed)
-            try:
-                with Progress(net, f"step {step + 1}/{total}"):
-                    if s.algo == "grpo":
-                        m, samples = grpo_step(net, tok, adapter, optimizer, batch, s, step)
-                    else:
-                        m, samples = sft_step(net, tok, adapter, optimizer, batch, s)
-            except grpo.NonFiniteError as e:  # the loss and gradient are summed: every process stops here
-                path = os.path.join(s.out, "adapter.safetensors")
-                if writes:
-                    tinylora.save_adapter(adapter, path, tinylora.DTYPES[s.adapter_dtype])
-                    print(f"error: {e} at step {step + 1}; stopped. The last good adapter is {path}; "
-                          "lower --lr or check the data", file=sys.stderr)
-                return 1
-            m = {"step": step + 1, **m, "lr": optimizer.param_groups[0]["lr"], "time": time.time() - t0}
-            metrics.append(m)
-            if writes:
-                append_jsonl(os.path.join(s.out, "metrics.jsonl"), [m])
-                if samples:  # GRPO
-                    append_jsonl(os.path.join(s.out, "samples.jsonl"), samples)
-            tokens_seen += m["tokens"]
-            elapsed = time.time() - t0
-            print(progress_line(step + 1, total, m, elapsed, tokens_seen / elapsed, step + 1 - start), flush=True)
-            flat = flat + 1 if m.get("zero_adv_groups") == 1.0 else 0
-            if flat == NO_SIGNAL_STEPS and writes:
-                print(no_signal_warning(s, step + 1, m, samples[0]), file=sys.stderr, flush=True)
-            stop = sum_over_processes(int(interrupted)) > 0  # torchrun: all stop at the same step
-            if writes and ((s.save_every and (step + 1) % s.save_every == 0) or stop):
-                save_checkpoint(ckpt, adapter, optimizer, step + 1, s.run_id)
-            if stop:
-                print(f"interrupted: checkpoint saved at step {step + 1}; continue with "
-                      f"python train.py --resume --out {s.out}", flush=True)
-                return 130
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
+    with StopRequest(verbose=rank() == 0) as ctrl_c:
+        code = training_steps(s, net, tok, adapter, optimizer, train_set, range(start, total), metrics, ctrl_c)
+    if code:
+        return code
     adapter_path = os.path.join(s.out, "adapter.safetensors")
-    if writes:
-        save_checkpoint(ckpt, adapter, optimizer, total, s.run_id)
+    if rank() == 0:  # under torchrun rank 0 alone writes the run folder
+        save_checkpoint(os.path.join(s.out, "checkpoint.safetensors"), adapter, optimizer, total, s.run_id)
         tinylora.save_adapter(adapter, adapter_path, tinylora.DTYPES[s.adapter_dtype])
     print(f"evaluating the trained adapter on {len(test_set)} held-out problems ...", flush=True)
     after = evaluation(net, tok, test_set, s, adapter, "after")
-    if writes:
+    if rank() == 0:
         report(s, adapter, adapter_path, total, before, after, metrics)
     return 0
 
 
-def log_names(s):
-    return ["metrics.jsonl"] + (["samples.jsonl"] if s.algo == "grpo" else [])  # SFT samples nothing
+def training_steps(s, net, tok, adapter, optimizer, train_set, steps, metrics, ctrl_c):
+    """The steps of this session, each logged (metrics.jsonl, samples.jsonl, a progress line) and
+    checkpointed every --save-every -> None when done, else the exit code: 1 after a non-finite
+    loss (the last good adapter is saved), 130 after a Ctrl-C (a checkpoint is saved)."""
+    writes, total = rank() == 0, steps.stop
+    t0, tokens_seen, flat = time.time(), 0, 0  # flat: steps in a row without a learning signal
+    for step in steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, s)
+        batch = step_problems(train_set, step, s.prompts_per_step, s.seed)
+        try:
+            with Progress(net, f"step {step + 1}/{total}"):
+                if s.algo == "grpo":
+                    m, samples = grpo_step(net, tok, adapter, optimizer, batch, s, step)
+                else:
+                    m, samples = sft_step(net, tok, adapter, optimizer, batch, s)
+        except grpo.NonFiniteError as e:  # the loss and gradient are summed: every process stops here
+            path = os.path.join(s.out, "adapter.safetensors")
+            if writes:
+                tinylora.save_adapter(adapter, path, tinylora.DTYPES[s.adapter_dtype])
+                print(f"error: {e} at step {step + 1}; stopped. The last good adapter is {path}; "
+                      "lower --lr or check the data", file=sys.stderr)
+            return 1
+        m = {"step": step + 1, **m, "lr": optimizer.param_groups[0]["lr"], "time": time.time() - t0}
+        metrics.append(m)
+        if writes:
+            append_jsonl(os.path.join(s.out, "metrics.jsonl"), [m])
+            if samples:  # GRPO
+                append_jsonl(os.path.join(s.out, "samples.jsonl"), samples)
+        tokens_seen += m["tokens"]
+        elapsed = time.time() - t0
+        print(progress_line(step + 1, total, m, elapsed, tokens_seen / elapsed, step + 1 - steps.start), flush=True)
+        flat = flat + 1 if m.get("zero_adv_groups") == 1.0 else 0
+        if flat == NO_SIGNAL_STEPS and writes:
+            print(no_signal_warning(s, step + 1, m, samples[0]), file=sys.stderr, flush=True)
+        stop = sum_over_processes(int(ctrl_c.requested)) > 0  # torchrun: all stop at the same step
+        if writes and ((s.save_every and (step + 1) % s.save_every == 0) or stop):
+            save_checkpoint(os.path.join(s.out, "checkpoint.safetensors"), adapter, optimizer, step + 1, s.run_id)
+        if stop:
+            print(f"interrupted: checkpoint saved at step {step + 1}; continue with "
+                  f"python train.py --resume --out {s.out}", flush=True)
+            return 130
+    return None
 
 
 def read_run_state(s, n_train):
@@ -409,6 +244,8 @@ def read_run_state(s, n_train):
     logs = {name: read_log(os.path.join(s.out, name), start) for name in log_names(s)}
     return start, checkpoint, logs, read_before(os.path.join(s.out, "before.json"), DECODINGS[s.eval_decoding])
 
+def log_names(s):
+    return ["metrics.jsonl"] + (["samples.jsonl"] if s.algo == "grpo" else [])  # SFT samples nothing
 
 def begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, total):
     """-> (first step, the base model's accuracy, the metrics so far). Restores the checkpoint of
@@ -436,34 +273,14 @@ def begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, tota
         before = evaluate_base_model(s, net, tok, test_set, None if start else adapter)
     return start, before, kept.get("metrics.jsonl", [])
 
-
-def evaluate_base_model(s, net, tok, test_set, adapter):
-    """The accuracy before training (written to before.json) and the answer formats the base model
-    writes, with a warning when they are not what the reward reads."""
-    print(f"evaluating the base model on {len(test_set)} held-out problems ...", flush=True)
-    before = evaluation(net, tok, test_set, s, adapter, "before")
-    if rank() == 0:
-        write_json(os.path.join(s.out, "before.json"), before)
-    print(accuracy_line("before", before, s), flush=True)
-    print(formats_line(before), flush=True)
-    warning = format_warning(before, s)
-    if warning and rank() == 0:
-        print(warning, file=sys.stderr, flush=True)
-    return before
-
-
-def check_outputs(net, tok, adapter, source):
-    """One forward pass of a short prompt as evaluation and rollouts run it (the adapter folded in):
-    finite numbers in `source` can still compute NaN or inf (an adapter value or --scale so large
-    that the update overflows, a weight near the float limit). Refused now, not reported as an
-    accuracy of 0 after the evaluation."""
-    ids = torch.tensor([tok.encode_chat("What is 1 + 1?")], device=next(net.parameters()).device)
-    with torch.no_grad(), adapter.merged() if adapter else contextlib.nullcontext():
-        logits = net(ids)
-    if not torch.isfinite(logits).all():
-        raise UsageError(f"{source}: the model computes non-finite outputs (NaN or inf) with it: a value in it is too "
-                         "large; check the file (or --scale)")
-
+def progress_line(step, total, m, elapsed, tokens_per_s, steps_this_session):
+    eta = elapsed / steps_this_session * (total - step)  # a resumed run times only its own steps
+    parts = [f"step {step}/{total}"]
+    if "reward" in m:
+        parts += [f"reward {m['reward']:.3f}", f"acc strict {m['acc_strict']:.3f} flexible {m['acc_flexible']:.3f}",
+                  f"len {m['length']:.1f}", f"clip {m['clip_frac']:.3f}"]
+    parts += [f"loss {m['loss']:.4f}", f"{tokens_per_s:,.0f} tok/s", f"ETA {clock(eta)}"]
+    return " | ".join(parts)
 
 def no_signal_warning(s, step, m, sample):
     """What to tell the user of a GRPO run without a learning signal: NO_SIGNAL_STEPS steps in a
@@ -485,13 +302,11 @@ def no_signal_warning(s, step, m, sample):
             f"  the answer each --reward reads in it: {answers}.\n"
             f"  {advice}")
 
-
 def train_seconds(metrics):
     """Training time over every session of a run: each session's clock starts at 0 (m["time"]), so
     add the last time of each session (the entry before the clock goes back, and the last one)."""
     ends = [m for m, later in zip(metrics, metrics[1:] + [None]) if later is None or later["time"] < m["time"]]
     return sum(m["time"] for m in ends)
-
 
 def report(s, adapter, adapter_path, total, before, after, metrics):
     """Print the before/after accuracies; write summary.json and curves.png."""
@@ -514,6 +329,56 @@ def report(s, adapter, adapter_path, total, before, after, metrics):
     logs = "metrics.jsonl, samples.jsonl" if s.algo == "grpo" else "metrics.jsonl"
     print(f"run folder: {s.out} ({logs}, eval_*.jsonl, summary.json{', curves.png' if plot else ''})")
 
+# --------------------------------------------------------------------------------------------
+# Evaluation: one completion per held-out problem, greedy and/or sampled
+
+FORMAT_WARNING = 0.05  # warn when fewer of the base model's completions have the reward's answer format
+
+
+def evaluate(net, tok, problems, s, adapter, decoding, label):
+    """One completion per problem with the adapter folded in, greedy or sampled at
+    --eval-temperature -> (accuracy dict, records); `label` names the phase in progress lines.
+    Under torchrun each process answers a consecutive share of the problems and the records are
+    gathered: every process returns all of them, in problem order."""
+    temperature, seed = (0.0, 0) if decoding == "greedy" else (s.eval_temperature, s.seed)
+    first, end = len(problems) * rank() // world_size(), len(problems) * (rank() + 1) // world_size()
+    mine = problems[first:end]
+    prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in mine]
+    seeds = sampling_seeds(seed, 0, first, len(mine))
+    records = []
+    with Progress(net, label, len(mine)) as progress:
+        for i in range(0, len(prompts), s.eval_batch):
+            out = grpo.rollout(net, tok, prompts[i:i + s.eval_batch], 1, s.max_new_tokens, temperature, 1.0,
+                               adapter=adapter, seeds=seeds[i:i + s.eval_batch])
+            records += [data.completion_record(first + i + j, problem, text, decoding, temperature)
+                        for j, (problem, text) in enumerate(zip(mine[i:i + s.eval_batch], out.texts))]
+            progress.advance(len(out.texts))
+    records = gather_lists(records)
+    return data.accuracy(records), records
+
+def evaluation(net, tok, problems, s, adapter, name):
+    """Evaluate with each decoding of --eval-decoding -> {decoding: accuracy dict}; rank 0 writes
+    every completion to eval_<name>_<decoding>.jsonl in the run folder."""
+    results = {}
+    for decoding in DECODINGS[s.eval_decoding]:
+        results[decoding], records = evaluate(net, tok, problems, s, adapter, decoding, label=f"eval_{name}_{decoding}")
+        if rank() == 0:
+            write_jsonl(os.path.join(s.out, f"eval_{name}_{decoding}.jsonl"), records)
+    return results
+
+def evaluate_base_model(s, net, tok, test_set, adapter):
+    """The accuracy before training (written to before.json) and the answer formats the base model
+    writes, with a warning when they are not what the reward reads."""
+    print(f"evaluating the base model on {len(test_set)} held-out problems ...", flush=True)
+    before = evaluation(net, tok, test_set, s, adapter, "before")
+    if rank() == 0:
+        write_json(os.path.join(s.out, "before.json"), before)
+    print(accuracy_line("before", before, s), flush=True)
+    print(formats_line(before), flush=True)
+    warning = format_warning(before, s)
+    if warning and rank() == 0:
+        print(warning, file=sys.stderr, flush=True)
+    return before
 
 def eval_only(s, folder, net, tok, test_set):
     """Accuracy and answer formats of the model (+ --adapter); the completions and summary.json go
@@ -535,9 +400,91 @@ def eval_only(s, folder, net, tok, test_set):
     print(json.dumps(result))
     return 0
 
+def check_outputs(net, tok, adapter, source):
+    """One forward pass of a short prompt as evaluation and rollouts run it (the adapter folded in):
+    finite numbers in `source` can still compute NaN or inf (an adapter value or --scale so large
+    that the update overflows, a weight near the float limit). Refused now, not reported as an
+    accuracy of 0 after the evaluation."""
+    ids = torch.tensor([tok.encode_chat("What is 1 + 1?")], device=next(net.parameters()).device)
+    with torch.no_grad(), adapter.merged() if adapter else contextlib.nullcontext():
+        logits = net(ids)
+    if not torch.isfinite(logits).all():
+        raise UsageError(f"{source}: the model computes non-finite outputs (NaN or inf) with it: a value in it is too "
+                         "large; check the file (or --scale)")
+
+def accuracy_line(name, acc, s):
+    """Strict and flexible accuracy per decoding; with --reward paper also the paper rule's, the
+    accuracy the paper reports (a before.json from an older run may lack it)."""
+    label = {"greedy": "greedy", "sampled": f"sampled (T={s.eval_temperature:g})"}
+    paper = s.reward == "paper" and all("paper" in a for a in acc.values())
+    return f"{name:<7} " + " | ".join(f"{label[decoding]} strict {a['strict']:.3f} flexible {a['flexible']:.3f}"
+                                      + (f" paper {a['paper']:.3f}" if paper else "") for decoding, a in acc.items())
+
+def formats_line(acc):
+    """How the completions write their answer, per decoding (a completion may have both formats)."""
+    parts = [f"{decoding}: '#### N' {a['formats']['####']:.3f}, \\boxed{{}} {a['formats']['boxed']:.3f}, "
+             f"neither {a['formats']['neither']:.3f}" for decoding, a in acc.items()]
+    return "formats " + " | ".join(parts)
+
+def format_warning(acc, s):
+    """A warning when the base model rarely writes the answer format that the GRPO reward reads,
+    else None (`flexible` reads any number: never)."""
+    needs = {"strict": "####", "paper": "####", "boxed": "boxed"}.get(s.reward)
+    if needs is None or s.algo != "grpo":
+        return None
+    share = max(a["formats"][needs] for a in acc.values())
+    if share >= FORMAT_WARNING:
+        return None
+    written = {"####": "'#### N'", "boxed": "\\boxed{}"}[needs]
+    return (f"warning: the base model wrote {written}, the answer format that --reward {s.reward} reads, in {share:.1%} "
+            "of its completions: nearly every reward will be 0, and GRPO learns nothing from a group whose rewards are "
+            f"equal. Read its completions in {os.path.join(s.out, 'eval_before_*.jsonl')}; then use a reward that reads "
+            "them (--reward boxed for \\boxed{}, --reward flexible for the last number) or an --instruction the model "
+            "follows (docs/reproducing.md, 'Answer formats')")
+
+# --------------------------------------------------------------------------------------------
+# Setup and the command
 
 USER_ERRORS = (UsageError, M.CheckpointError, data.DataError, tinylora.AdapterError, ValueError)
 
+
+def build(s):
+    """Load the model and tokenizer (check_inputs has checked the rest)."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(s.model, "*.safetensors")))
+    if size > 1e9 and rank() == 0:  # a real checkpoint: reading it takes a while
+        print(f"loading {s.model} ({size / 1e9:.1f} GB) ...", flush=True)
+    tok = M.load_tokenizer(s.model)  # seconds: a missing tokenizer.json is reported before the minutes of loading
+    return M.load_model(s.model, s.dtype, s.device), tok
+
+def make_adapter(net, s):
+    """Attach the adapter the flags describe; --n-tie all = one group for every target module."""
+    n_tie = len(tinylora.find_targets(net)) if str(s.n_tie) == "all" else int(s.n_tie)
+    cfg = tinylora.TinyLoRAConfig(method=s.method, r=s.r, u=s.u, n_tie=n_tie, tiling=s.tiling, seed=s.proj_seed,
+                                  scale=s.scale, svd=s.svd)
+    try:
+        tinylora.plan(net, cfg)  # the adapter's shapes on this model: "n_tie=99 is more than the 14 target modules"
+    except ValueError as e:
+        name = {"seed": "proj_seed"}.get(str(e).split("=", 1)[0], str(e).split("=", 1)[0])
+        raise UsageError(f"{named(s, name)}: {e}" if name in DEFAULTS else str(e)) from None
+    adapter, _ = first_on_each_machine(lambda: tinylora.attach(net, cfg, cache_dir=svd_cache(s), quiet=quiet_svd(net)))
+    return adapter
+
+def svd_cache(s):
+    """--svd-cache as tinylora takes it: a folder, or None for no cache."""
+    return None if s.svd_cache == "none" else s.svd_cache
+
+def quiet_svd(net):
+    """Whether tinylora keeps its SVD messages (progress every 2 s, summary, tied-values warning)
+    to itself: in the processes that do not print, and for models under 10M parameters (the toy),
+    whose SVD takes well under a second."""
+    return rank() > 0 or sum(p.numel() for p in net.parameters()) < 10_000_000
+
+def session_command(argv):
+    """This invocation as a command line, for args.json and summary.json."""
+    launcher = "python" if world_size() == 1 else f"torchrun --nproc_per_node={world_size()}"
+    return f"{launcher} train.py " + " ".join(argv)
 
 def main(argv=None):
     """The command line -> exit code: 0 done, 2 bad input (one line, nothing written), 1 a failed

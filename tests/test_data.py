@@ -87,22 +87,20 @@ def test_normalize_number(written, canonical):
     assert data.normalize_number(written) == canonical
 
 
-def test_reward_is_exact_match_with_optional_format_bonus():
+def test_reward_is_exact_match():
     assert data.reward("... #### 18", "18") == 1.0
     assert data.reward("... #### 17", "18") == 0.0
     assert data.reward("the answer is 18", "18") == 0.0  # strict: no `####`, no reward
     assert data.reward("the answer is 18", "18", mode="flexible") == 1.0
-    assert data.reward("... #### 17", "18", format_bonus=0.1) == 0.1
-    assert data.reward("... #### 18", "18", format_bonus=0.1) == 1.0
-    assert data.reward("no answer at all", "18", format_bonus=0.1) == 0.0
+    assert data.reward("no answer at all", "18") == 0.0
     assert data.reward(r"\boxed{\frac{1}{2}}", "0.5", mode="boxed") == 1.0
     with pytest.raises(ValueError, match="'boxed', 'flexible', 'paper', 'strict'"):
         data.reward("#### 1", "1", mode="exact")
 
 
-def test_an_empty_box_earns_no_format_bonus():
-    assert data.reward(r"so \boxed{}", "72", mode="boxed", format_bonus=0.5) == 0.0
-    assert data.reward(r"so \boxed{71}", "72", mode="boxed", format_bonus=0.5) == 0.5
+def test_an_empty_box_is_no_answer():
+    assert data.extract_boxed(r"so \boxed{}") is None and data.reward(r"so \boxed{}", "", mode="boxed") == 0.0
+    assert data.extract_boxed(r"so \boxed{71}") == "71" and data.reward(r"so \boxed{71}", "72", mode="boxed") == 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +136,7 @@ def reward_cell(completion, problem, mode):
     answer = data.EXTRACTORS[mode](completion)
     target = data.reward_target(problem, mode)
     right = data.is_correct(completion, target, mode)
-    assert data.reward(completion, target, mode, format_bonus=0.5) == (1.0 if right else 0.0 if answer is None else 0.5)
+    assert data.reward(completion, target, mode) == (1.0 if right else 0.0)
     return "✗ none" if answer is None else f"{'✓' if right else '✗'} `{answer}`"
 
 
@@ -191,7 +189,7 @@ def test_answer_checks_never_raise(text):
     for extract in data.EXTRACTORS.values():
         answer = extract(text)
         assert answer is None or isinstance(answer, str)
-    assert data.reward(text, "42", format_bonus=0.5) in (0.0, 0.5, 1.0)
+    assert data.reward(text, "42") in (0.0, 1.0)
     data.normalize_answer(text)
 
 

@@ -371,12 +371,12 @@ def test_evaluation_writes_every_completion_with_its_answers(setup, tmp_path, ca
 def test_completion_records_count_the_answer_formats_and_the_format_warning_reads_them():
     problem = data.Problem("q", "#### 5", "5")
     texts = ["so #### 5", "so \\boxed{5}", "\\boxed{4} and #### 4", "the answer is 5"]
-    records = [train.completion_record(i, problem, text, "greedy", 0.0) for i, text in enumerate(texts)]
+    records = [data.completion_record(i, problem, text, "greedy", 0.0) for i, text in enumerate(texts)]
     assert [(r["answer"], r["correct"], r["flexible_answer"], r["flexible_correct"], r["boxed_answer"]) for r in records] == [
         ("5", True, "5", True, None), (None, False, "5", True, "5"), ("4", False, "4", False, "4"), (None, False, "5", True, None)]
     assert [(r["paper_answer"], r["paper_correct"]) for r in records] == [("5", True), (None, False), ("4", False),
                                                                           (None, False)]
-    acc = train.accuracy(records)
+    acc = data.accuracy(records)
     assert acc == {"strict": 0.25, "flexible": 0.75, "paper": 0.25, "formats": {"####": 0.5, "boxed": 0.5, "neither": 0.25}}
     s = train.parse_args(["--model", "m", "--out", "run"])
     assert train.format_warning({"greedy": acc}, s) is None  # half the completions have '#### N'
