@@ -44,25 +44,16 @@ from datetime import datetime
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN_DATA = os.path.join(ROOT, "toy", "data", "train.jsonl")
 
-# Learning rate per size, from `python sweep.py --probe-lr`: GRPO, seed 0, each rate of PROBE_LRS,
-# the one with the best greedy accuracy on 200 TRAINING problems after the run (never the held-out
-# set; a tie goes to the smaller rate). SFT uses the size's GRPO rate, so the two differ in the
-# objective alone; the tiling and rank points use the rate of the size they are closest to.
-# Measured with `python sweep.py --probe-lr --out /tmp/probe2` (2026-11-28): greedy accuracy on 200
-# training problems after 60 GRPO steps (base model: 0.180)
-#   size                lr 1e-4   lr 1e-3   lr 1e-2
-#   tinylora-u1-tied    0.190     0.580     0.535
-#   tinylora-u13-tied   0.425     0.940     0.935
-#   tinylora-u1         0.205     0.735     0.950
-#   tinylora-u13        0.955     0.935     0.940
-#   lora-xs-r2          0.350     0.955     0.955
-#   lora-xs-r16         0.990     0.985     0.000
-#   lora-r1             0.940     0.985     0.990
-#   lora-r8             0.985     0.990     0.685
-#   full                0.990     0.015     0.005
+# Learning rate per size, from `python sweep.py --probe-lr`: GRPO, seed 0, each rate of PROBE_LRS
+# (three per decade, 1e-4 to 1e-1), the one with the highest mean training reward over the last
+# PROBE_LAST steps: the accuracy of sampled (T = 1) completions on training problems, what GRPO
+# optimises; the held-out set plays no part (a tie goes to the smaller rate). SFT uses the size's
+# GRPO rate, so the two differ in the objective alone; the tiling and rank points use the rate of
+# the size they are closest to. The measured table: docs/results.md.
 LRS = {"tinylora-u1-tied": 1e-3, "tinylora-u13-tied": 1e-3, "tinylora-u1": 1e-2, "tinylora-u13": 1e-4,
        "lora-xs-r2": 1e-3, "lora-xs-r16": 1e-4, "lora-r1": 1e-2, "lora-r8": 1e-3, "full": 1e-4}
-PROBE_LRS = [1e-4, 1e-3, 1e-2]
+PROBE_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+PROBE_LAST = 10
 
 
 @dataclass
@@ -137,7 +128,8 @@ def run_all(jobs, workers):
                 codes[key] = f"crashed: {e!r}"
             elapsed = time.time() - t0
             summary = read_summary(run_dir)
-            result = (f"greedy {summary['before']['greedy']['strict']:.3f} -> {summary['after']['greedy']['strict']:.3f}"
+            result = (" | ".join(f"{d} {summary['before'][d]['strict']:.3f} -> {a['strict']:.3f}"
+                                 for d, a in summary["after"].items())
                       if summary else f"FAILED (exit {codes[key]}, see {run_dir}.log)")
             print(f"[{done}/{len(jobs)}] {os.path.basename(run_dir)}: {result} | elapsed {elapsed / 60:.1f} min, "
                   f"ETA {elapsed / done * (len(jobs) - done) / 60:.1f} min", flush=True)
@@ -174,15 +166,15 @@ def summarize(points, seeds, out):
 
 def table(rows):
     """The markdown table of the sweep: one line per point."""
-    lines = ["| point | algorithm | trained params | lr | seeds | greedy strict | greedy flexible | sampled strict |",
+    lines = ["| point | algorithm | trained params | lr | seeds | **sampled strict** | greedy strict | greedy flexible |",
              "|---|---|---:|---:|---:|---|---|---|"]
     if rows:
         base = rows[0]
-        lines.append(f"| base model (no training) | | 0 | | | {base['before_greedy_strict']:.3f} | "
-                     f"{base['before_greedy_flexible']:.3f} | {base['before_sampled_strict']:.3f} |")
+        lines.append(f"| base model (no training) | | 0 | | | {base['before_sampled_strict']:.3f} | "
+                     f"{base['before_greedy_strict']:.3f} | {base['before_greedy_flexible']:.3f} |")
     for r in rows:
         cells = [f"{r[f'after_{k}']:.3f} ± {r[f'after_{k}_std']:.3f}" if r["seeds"] > 1 else f"{r[f'after_{k}']:.3f}"
-                 for k in ("greedy_strict", "greedy_flexible", "sampled_strict")]
+                 for k in ("sampled_strict", "greedy_strict", "greedy_flexible")]
         lines.append(f"| {r['point']} | {r['algo']} | {r['params']:,} | {r['lr']:g} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -235,26 +227,33 @@ def git_commit():
 
 
 def probe_lr(args):
-    """GRPO on seed 0 for each size at each rate in PROBE_LRS; prints the greedy accuracy after
-    training on the first 200 training problems (the held-out set plays no part in the choice)."""
+    """GRPO on seed 0 for each size at each rate in PROBE_LRS; prints each run's mean training
+    reward over its last PROBE_LAST steps and the rate chosen (the highest; a tie or a failed run:
+    the smaller rate). Evaluation is cut to 16 training problems, sampled: the choice does not use it."""
     jobs = []
     for name, method, flags in SIZES:
         for lr in PROBE_LRS:
             run_dir = os.path.join(args.out, "probe", f"{name}-lr{lr:g}")
             jobs.append(((name, lr), ["--out", run_dir, "--overwrite", "--seed", "0", "--method", method, *flags,
-                                      "--lr", str(lr), "--eval-data", TRAIN_DATA, "--eval-limit", "200", *args.extra],
-                         run_dir))
+                                      "--lr", str(lr), "--eval-data", TRAIN_DATA, "--eval-limit", "16",
+                                      "--eval-decoding", "sampled", *args.extra], run_dir))
     run_all([job for job in jobs if read_summary(job[2]) is None], args.workers)  # finished runs are kept
-    print(f"{'size':<20}" + "".join(f"lr {lr:<8g}" for lr in PROBE_LRS) + "chosen")
+    print(f"mean training reward of the last {PROBE_LAST} steps (sampled, T = 1)")
+    print(f"{'size':<20}" + "".join(f"{lr:<8g}" for lr in PROBE_LRS) + "chosen")
     for name, _, _ in SIZES:
-        accs = []
-        for lr in PROBE_LRS:
-            summary = read_summary(os.path.join(args.out, "probe", f"{name}-lr{lr:g}"))
-            accs.append(summary["after"]["greedy"]["strict"] if summary else float("nan"))
-        best = max(range(len(accs)), key=lambda i: (accs[i] if accs[i] == accs[i] else -1.0, -i))  # NaN: a failed
-        # run never wins; ties: the smaller rate
-        print(f"{name:<20}" + "".join(f"{a:<11.3f}" for a in accs) + f"{PROBE_LRS[best]:g}")
+        rewards = [final_reward(os.path.join(args.out, "probe", f"{name}-lr{lr:g}")) for lr in PROBE_LRS]
+        best = max(range(len(rewards)), key=lambda i: (rewards[i] if rewards[i] == rewards[i] else -1.0, -i))
+        print(f"{name:<20}" + "".join(f"{r:<8.3f}" for r in rewards) + f"{PROBE_LRS[best]:g}")
     return 0
+
+
+def final_reward(run_dir):
+    """Mean training reward of a finished run's last PROBE_LAST steps (NaN: the run did not finish)."""
+    if read_summary(run_dir) is None:
+        return float("nan")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rewards = [json.loads(line)["reward"] for line in f if line.strip()]
+    return statistics.mean(rewards[-PROBE_LAST:])
 
 
 def main(argv=None):

@@ -54,3 +54,19 @@ def test_an_existing_sweep_folder_is_refused(tmp_path, capsys):
     (tmp_path / "x").write_text("")
     assert sweep.main(["--out", str(tmp_path)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_the_probe_reads_the_mean_training_reward_of_the_last_steps(tmp_path):
+    """The learning rate is chosen on the training reward (sampled completions of training
+    problems) of the run's last PROBE_LAST steps; an unfinished run reads as NaN."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rewards = [0.0] * 5 + [float(i % 2) for i in range(sweep.PROBE_LAST)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "reward": r}) + "\n"
+                                               for i, r in enumerate(rewards)))
+    assert sweep.final_reward(str(run)) != sweep.final_reward(str(run))  # no summary.json yet: NaN
+    (run / "summary.json").write_text("{}")
+    assert sweep.final_reward(str(run)) == 0.5
+    assert sweep.PROBE_LRS == sorted(sweep.PROBE_LRS) and sweep.PROBE_LRS[0] <= 1e-4 and sweep.PROBE_LRS[-1] >= 1e-1
+    decades = [sum(10 ** k <= lr < 10 ** (k + 1) for lr in sweep.PROBE_LRS) for k in range(-4, -1)]
+    assert min(decades) >= 3  # at least three rates per decade
