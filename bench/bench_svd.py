@@ -37,6 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import param_counts  # noqa: E402
 import tinylora  # noqa: E402
 from model import ModelConfig, Transformer, load_model  # noqa: E402
 from tinylora import TinyLoRAConfig, attach  # noqa: E402
@@ -155,7 +156,7 @@ def main():
     cache = tempfile.mkdtemp()
 
     # 1. Qwen2.5-0.5B shape
-    small = random_model(tinylora.QWEN25["0.5B"], 24)
+    small = random_model(param_counts.QWEN25["0.5B"], 24)
     t_attach, (adapter, _) = timed(lambda: attach(small, TinyLoRAConfig(), cache_dir=cache, quiet=True))
     checked = [t for t in adapter.targets if int(t.name.split(".")[2]) in (0, 12)]
     references = exact_svds([t.linear.weight for t in checked])
@@ -209,7 +210,7 @@ def main():
     with torch.no_grad():  # ||dW|| / ||W|| of each module at v = 1; dW is linear in v
         adapter.tensors["v"].fill_(1)
         unit = torch.stack([torch.linalg.norm(B @ C @ A) / torch.linalg.norm(t.linear.weight.float())
-                            for t in adapter.targets for A, C, B in [adapter.factors(t)]])
+                            for t in adapter.targets for B, C, A in [adapter.factors(t)]])
     weight_bytes = sum(t.linear.weight.numel() * 2 for t in adapter.targets)
     record["merge_bf16"] = []
     for relative in (1e-3, 1e-2, 1e-1):
@@ -228,7 +229,7 @@ def main():
     del small, adapter
 
     # 5. one Qwen2.5-7B layer
-    big = random_model(tinylora.QWEN25["7B"], 1)
+    big = random_model(param_counts.QWEN25["7B"], 1)
     t_attach, (adapter, _) = timed(lambda: attach(big, TinyLoRAConfig(), cache_dir=None, quiet=True))
     checked = [t for t in adapter.targets if t.kind in ("q_proj", "k_proj", "gate_proj")]
     references = exact_svds([t.linear.weight for t in checked])

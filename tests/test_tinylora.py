@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import param_counts
 import tinylora
 from model import ModelConfig, Transformer, load_model
 from tinylora import TARGETS, AdapterError, TinyLoRAConfig, attach, load_adapter, save_adapter
@@ -85,7 +86,7 @@ def test_trainable_count_matches_the_formula(case):
 
 def test_paper_counts_for_qwen25_7b():
     with torch.device("meta"):
-        model = Transformer(tinylora.QWEN25["7B"])
+        model = Transformer(param_counts.QWEN25["7B"])
     assert tinylora.count_trainable(model, TinyLoRAConfig(n_tie=16)) == 13
     assert tinylora.count_trainable(model, TinyLoRAConfig(n_tie=4)) == 49
     assert tinylora.tie_choices(model, 13)[0] == (1, 16, 13)
@@ -97,12 +98,18 @@ def test_paper_counts_for_qwen25_7b():
 def test_the_13_parameter_setting_of_each_family(name, n_tie):
     """u = 1 and the least tying that gives <= 13 vectors; the counts the table prints."""
     with torch.device("meta"):
-        model = Transformer(tinylora.MODELS[name])
+        model = Transformer(param_counts.MODELS[name])
     modules = 7 * model.config.num_hidden_layers
     assert tinylora.tie_choices(model, 13)[0] == (1, n_tie, math.ceil(modules / n_tie)) and math.ceil(modules / n_tie) == 13
     assert math.ceil(modules / (n_tie - 1)) > 13
     assert tinylora.count_trainable(model, TinyLoRAConfig(n_tie=n_tie)) == 13
-    assert f"| {name} | {model.config.num_hidden_layers} | {modules} |" in tinylora.parameter_table()
+    assert f"| {name} | {model.config.num_hidden_layers} | {modules} |" in param_counts.parameter_table()
+
+
+def test_param_counts_script_prints_the_table():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "param_counts.py"], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == param_counts.parameter_table() and "| Qwen2.5-7B | 28 | 196 | 13 |" in out
 
 
 def test_tie_groups_tiled_and_structured():
@@ -198,6 +205,22 @@ def test_merged_forward_equals_low_rank_forward_and_unmerge_is_bit_exact(tiny_ck
         torch.testing.assert_close(merged, low_rank, atol=tol, rtol=0)
         assert all(torch.equal(bits(v), original[k]) for k, v in model.state_dict().items())
     assert lost > 0  # the rounding-correction path was exercised, not just the easy entries
+
+
+@pytest.mark.parametrize("method", ["tinylora", "lora-xs", "lora"])
+def test_factors_come_in_the_formulas_order(method):
+    """dW = B C A with B [out, r] on the left: U (LoRA's B), then scale diag(S) R (scale I), then V^T (LoRA's A)."""
+    adapter, _ = attach(tiny_model(), TinyLoRAConfig(method=method, scale=0.5), cache_dir=None, quiet=True)
+    randomize(adapter, 0.5)
+    t = adapter.targets[4]  # layer 0 gate_proj [24, 16]
+    B, C, A = adapter.factors(t)
+    assert (B.shape, C.shape, A.shape) == ((24, 2), (2, 2), (2, 16))
+    if method == "lora":
+        assert torch.equal(B, adapter.tensors[f"{t.name}.lora_B"]) and torch.equal(A, adapter.tensors[f"{t.name}.lora_A"])
+        assert torch.equal(C, 0.5 * torch.eye(2))
+    else:
+        R = torch.einsum("i,irs->rs", adapter.tensors["v"][t.group], t.P) if method == "tinylora" else adapter.tensors["R"][t.group]
+        assert torch.equal(B, t.U) and torch.equal(A, t.Vh) and torch.equal(C, 0.5 * t.S[:, None] * R)
 
 
 def test_merge_of_float64_weights_adds_the_update_in_float64():
