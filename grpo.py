@@ -3,9 +3,9 @@ GRPO; the loss normalisers are GRPO's, DAPO's and Dr. GRPO's). docs/grpo.md deri
 
     rollout            G completions per prompt, sampled with the adapter folded into the weights
     group_advantages   A_i = (r_i - mean_group r) / (std_group r + eps)              [P, G]
-    sequence_logprobs  logp_it = log softmax(lm_head(h_it) / T)[y_it], through the training path;
-                       lm_head + log_softmax on completion positions only, a chunk of rows at a
-                       time, recomputed in backward (TokenLogprobs)
+    sequence_logprobs  logp_it = log softmax(lm_head(h_it) / T)[y_it] at completion positions, through
+                       the training path: textbook_logprobs is the formula, TokenLogprobs the same
+                       numbers a chunk of rows at a time, recomputed in backward (no [tokens, vocab])
     policy_loss        per token t of completion i, with m_it = [t < length_i]:
                            rho_it = exp(logp_it - old_it)
                            w_it   = min(exp(old_it - rollout_it), tis_cap)      (detached; 1 if off)
@@ -19,7 +19,7 @@ GRPO; the loss normalisers are GRPO's, DAPO's and Dr. GRPO's). docs/grpo.md deri
                        (adapter off), computed once per rollout batch without gradients
     grpo_backward      micro-batches of rows, each loss divided by the WHOLE batch's Z, so the
                        accumulated gradient equals one big batch's in every mode
-    grpo_update        the rollout batch cut into mini-batches x epochs: one optimizer step each;
+    grpo_update        the rollout batch cut into mini-batches x ppo_epochs: one optimizer step each;
                        data-parallel, Z and the gradient are summed over the processes first
 
 `adapter` is optional everywhere (None: a plain model, or full fine-tuning). Only three of its
@@ -44,30 +44,27 @@ ADVANTAGE_SCALES = ("std", "none")
 
 @dataclass
 class GRPOConfig:
-    """One GRPO step. Defaults follow the authors' training scripts (docs/grpo.md)."""
+    """A GRPO update's settings, the one home of their defaults: plain GRPO (symmetric clip, no
+    importance weights, no KL); train.py's gsm8k-paper preset sets clip_high 0.4 and tis_cap 2.0."""
 
-    num_samples: int = 4  # G completions per prompt
-    max_new_tokens: int = 4096  # completion budget per sample
-    temperature: float = 1.0  # sampling temperature; log-probs are recomputed at the same T
-    top_p: float = 1.0
+    temperature: float = 1.0  # the sampling temperature; log-probs are recomputed at the same T
     adv_scale: str = "std"  # 'std': divide by the group's std (GRPO); 'none' (Dr. GRPO)
     adv_eps: float = 1e-4
     agg: str = "token-mean"  # 'token-mean' (DAPO), 'seq-mean' (GRPO) or 'constant' (Dr. GRPO)
     constant_norm: float | None = None  # tokens per sequence for agg='constant' (e.g. max_new_tokens)
     clip_low: float = 0.2  # eps_low: ratio floor 1 - eps_low
-    clip_high: float = 0.4  # eps_high: ratio ceiling 1 + eps_high
-    tis_cap: float | None = 2.0  # truncated importance sampling against the sampler; None = off
+    clip_high: float = 0.2  # eps_high: ratio ceiling 1 + eps_high
+    tis_cap: float = 0.0  # truncated importance sampling against the sampler: the weights' cap; 0 = off
     kl_beta: float = 0.0  # weight of the k3 KL to the base model (needs an adapter); 0 = off
-    mini_batches: int = 2  # optimizer steps per rollout batch (prompts split evenly)
-    epochs: int = 1  # passes over the rollout batch
-    micro_batch_size: int = 4  # completions per forward/backward (gradient accumulation)
+    mini_batches: int = 1  # optimizer steps per pass over the rollout batch (prompts split evenly)
+    ppo_epochs: int = 1  # passes over one rollout batch (not train.py's --epochs: passes over the data)
+    micro_batch_size: int = 8  # completions per forward/backward (gradient accumulation)
     max_grad_norm: float | None = 1.0  # gradient clipping before each step; None = off
-    chunk_tokens: int = 1024  # completion tokens per lm_head + log_softmax chunk
-    keep_probs: bool = False  # keep the fp32 softmax [tokens, vocab] per micro-batch for backward (TokenLogprobs)
+    chunk_tokens: int = 1024  # completion tokens per lm_head + log_softmax block (TokenLogprobs)
 
 
 # --------------------------------------------------------------------------------------------
-# Rollouts
+# Rollouts and their advantages
 
 
 @dataclass
@@ -82,9 +79,8 @@ class Rollout:
 
 def rollout(model, tokenizer, prompt_ids, num_samples, max_new_tokens, temperature=1.0, top_p=1.0,
             generator=None, adapter=None, seeds=None):
-    """Sample `num_samples` completions for each prompt (a list of token-id lists) with the
-    adapter's update folded into the weights (exactly restored afterwards). `seeds` (one int per
-    prompt) or `generator`: the randomness, as in model.generate."""
+    """Sample `num_samples` completions per prompt (token-id lists) with the adapter's update folded
+    into the weights, exactly restored afterwards. `seeds` or `generator`: as in model.generate."""
     with adapter.merged() if adapter is not None else contextlib.nullcontext():
         gen = generate(model, prompt_ids, max_new_tokens, tokenizer.end_ids, tokenizer.pad_id,
                        temperature, top_p, num_samples, generator, seeds)
@@ -92,11 +88,7 @@ def rollout(model, tokenizer, prompt_ids, num_samples, max_new_tokens, temperatu
     return Rollout(list(prompt_ids), num_samples, gen.tokens, gen.lengths, gen.logprobs, texts)
 
 
-# --------------------------------------------------------------------------------------------
-# Advantages
-
-
-def group_advantages(rewards, scale="std", eps=1e-4):
+def group_advantages(rewards, scale=GRPOConfig.adv_scale, eps=GRPOConfig.adv_eps):
     """rewards [P, G] -> advantages [P, G]: r - mean over the group, divided by the group's
     (unbiased) std + eps when scale='std'. A group whose rewards are all equal carries no signal
     and gets exactly zero."""
@@ -123,89 +115,71 @@ def length_mask(lengths, width):
     return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
 
 
-class TokenLogprobs(torch.autograd.Function):
-    """logp[m] = log softmax(hidden[m] W^T / T)[targets[m]] for M rows, `chunk` rows at a time.
+def textbook_logprobs(hidden, weight, targets, temperature):
+    """logp[m] = log softmax(hidden[m] W^T / T)[targets[m]] the textbook way, the reference for
+    TokenLogprobs: hidden [M, D], weight [V, D] (lm_head's), targets [M] -> [M] fp32. Autograd keeps
+    the fp32 softmax [M, vocab] for backward: about 20 GB at the paper's micro-batch (8 completions
+    x 4,096 tokens x 151,936 vocab x 4 bytes), hence TokenLogprobs for training."""
+    logits = (hidden @ weight.T).float()  # [M, V] in the weights' dtype, then fp32, as in sampling
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, targets[:, None])[:, 0]
 
-    One [chunk, vocab] fp32 block of logits at a time, worked on in place, in forward and in
-    backward; backward applies the softmax gradient by hand:
+
+class TokenLogprobs(torch.autograd.Function):
+    """textbook_logprobs' values and gradients without its [M, vocab] memory: one [chunk, vocab] fp32
+    block of logits at a time, in place, in forward and in backward, for a second lm_head matmul.
+    Forward saves only the log-normaliser log_z [M]; backward recomputes each block's softmax,
+    exp(hidden W^T / T - log_z), and applies the softmax gradient by hand:
 
         d logp[m] / d logits[m] = (onehot(targets[m]) - softmax(logits[m] / T)) / T
-        d hidden = d logits W,    d W = d logits^T hidden      (the latter only if W is trained)
-
-    It needs each row's softmax again, which it gets one of two ways:
-    - keep_probs=False (the default): forward saves only the log-normaliser log_z [M], and
-      backward recomputes each block, softmax = exp(hidden W^T / T - log_z). Memory: one block at
-      a time; cost: a second lm_head matmul over the M rows.
-    - keep_probs=True: forward keeps every block's fp32 softmax (M x vocab x 4 bytes, e.g. 2,048
-      tokens x 151,936 = 1.2 GB) until backward, which turns each kept block into its gradient
-      in place: one lm_head matmul fewer, for memory that grows with M instead of `chunk`.
-      Backward can then run once only (retain_graph=True and a second backward fails autograd's
-      in-place check instead of computing a wrong gradient).
-
-    hidden [M, D], weight [V, D] (lm_head's), targets [M] -> logp [M] fp32. Logits are computed in
-    the weights' dtype and then cast to fp32, as in sampling (model.generate)."""
+        d hidden = d logits W,    d W = d logits^T hidden      (the latter only if W is trained)"""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk, keep_probs=False):
+    def forward(ctx, hidden, weight, targets, temperature, chunk):
         M = hidden.shape[0]
         logp = torch.empty(M, dtype=torch.float32, device=hidden.device)  # [M]
         log_z = torch.empty(M, dtype=torch.float32, device=hidden.device)  # [M] logsumexp(logits / T)
-        probs = []  # keep_probs: the softmax blocks, [c, V] each
         for i in range(0, M, chunk):
             x = (hidden[i:i + chunk] @ weight.T).float().div_(temperature)  # [c, V]
             shift = x.amax(dim=-1, keepdim=True)  # [c, 1], for a stable exp
             x.sub_(shift)
             target = x.gather(-1, targets[i:i + chunk, None])[:, 0]  # x_y - shift
-            total = x.exp_().sum(dim=-1)  # sum_v exp(x_v - shift)
-            log_sum = total.log()
+            log_sum = x.exp_().sum(dim=-1).log()  # log sum_v exp(x_v - shift)
             logp[i:i + chunk] = target - log_sum
             log_z[i:i + chunk] = shift[:, 0] + log_sum
-            if keep_probs:
-                probs.append(x.div_(total[:, None]))  # softmax(logits / T), kept for backward
-            del x  # without keep_probs: free this block before the next one is allocated
-        ctx.save_for_backward(hidden, weight, targets, log_z, *probs)
+            del x  # free this block before the next one is allocated
+        ctx.save_for_backward(hidden, weight, targets, log_z)
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):  # [M]
-        hidden, weight, targets, log_z, *probs = ctx.saved_tensors
+        hidden, weight, targets, log_z = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, device=weight.device) if ctx.needs_input_grad[1] else None
-        for k, i in enumerate(range(0, hidden.shape[0], chunk)):
+        for i in range(0, hidden.shape[0], chunk):
             h, y = hidden[i:i + chunk], targets[i:i + chunk]  # [c, D], [c]
             s = grad_logp[i:i + chunk, None] / T  # [c, 1]
-            if probs:  # kept by forward
-                g = probs[k]  # softmax [c, V]
-            else:  # recomputed from the log-normaliser
-                g = (h @ weight.T).float().div_(T).sub_(log_z[i:i + chunk, None]).exp_()  # softmax [c, V]
+            g = (h @ weight.T).float().div_(T).sub_(log_z[i:i + chunk, None]).exp_()  # softmax [c, V]
             g.mul_(-s).scatter_add_(-1, y[:, None], s)  # (onehot(y) - softmax) s = d loss / d logits
             if grad_hidden is not None:
                 grad_hidden[i:i + chunk] = g.to(weight.dtype) @ weight
             if grad_weight is not None:
                 grad_weight.addmm_(g.T, h.float())
-            del g  # without keep_probs: free this block before the next one is allocated
+            del g  # free this block before the next one is allocated
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
-def sequence_logprobs(model, prompt_ids, completions, lengths, temperature=1.0, chunk_tokens=1024,
-                      keep_probs=False):
-    """Log-prob of every completion token under the model (with its adapter path), at the
-    sampling temperature (0 counts as 1).
-
-    prompt_ids: N token-id lists (one per row); completions [N, L]; lengths [N].
-    Returns [N, L] fp32, zero after each row's length.
-
-    The batch is [left-padded prompt | completion | right pad]; position Tp - 1 + t predicts
-    completion token t. Only the M completion positions meet lm_head's weight, through
-    TokenLogprobs, `chunk_tokens` rows at a time: no [N, T, vocab] tensor ever exists, only
-    [chunk_tokens, vocab] ones. (lm_head is used as its weight matrix: an adapter on lm_head
-    itself would have to fold into that weight.) keep_probs: keep the completion tokens' fp32
-    softmax from forward to backward, [M, vocab], instead of recomputing it (TokenLogprobs);
-    only when gradients are on."""
+def sequence_logprobs(model, prompt_ids, completions, lengths, temperature=1.0, chunk_tokens=GRPOConfig.chunk_tokens,
+                      textbook=False):
+    """Log-prob of every completion token under the model (with its adapter path), at the sampling
+    temperature (0 counts as 1): prompt_ids (N token-id lists), completions [N, L], lengths [N] ->
+    [N, L] fp32, zero after each row's length. Rows are [left-padded prompt | completion | right pad];
+    position Tp - 1 + t predicts completion token t. Only the M completion positions meet lm_head's
+    weight (an adapter on lm_head would have to fold into it), through TokenLogprobs, `chunk_tokens`
+    rows at a time, or with textbook=True through textbook_logprobs, all M at once (for comparisons)."""
     if int(lengths.min()) < 1 or int(lengths.max()) > completions.shape[1]:
         raise ValueError(f"completion lengths must lie in [1, {completions.shape[1]}] (the completions' "
                          f"width), got {lengths.tolist()}")
@@ -220,8 +194,9 @@ def sequence_logprobs(model, prompt_ids, completions, lengths, temperature=1.0, 
     hidden = model.hidden_states(ids, start)[:, prompts.shape[1] - 1:]  # [N, L, D]
     hidden = hidden[mask[:, :L]]  # [M, D], completion tokens only
     targets = completions[:, :L][mask[:, :L]]  # [M]
-    keep_probs = keep_probs and torch.is_grad_enabled()
-    logp = TokenLogprobs.apply(hidden, model.lm_head.weight, targets, T, chunk_tokens, keep_probs)  # [M]
+    W = model.lm_head.weight  # [V, D]
+    logp = (textbook_logprobs(hidden, W, targets, T) if textbook  # [M]
+            else TokenLogprobs.apply(hidden, W, targets, T, chunk_tokens))
     return torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device).masked_scatter(mask, logp)
 
 
@@ -230,9 +205,8 @@ def sequence_logprobs(model, prompt_ids, completions, lengths, temperature=1.0, 
 
 
 def loss_normalizer(lengths, agg, constant_norm=None):
-    """Z for a batch with these completion lengths [N]: tokens (token-mean), sequences
-    (seq-mean) or sequences * constant_norm (constant). With micro-batching (or several
-    processes), compute it over the whole batch and pass it to every part."""
+    """Z for a batch with these completion lengths [N]: tokens (token-mean), sequences (seq-mean) or
+    sequences * constant_norm (constant). Micro-batched, it is the whole batch's, passed to every part."""
     if agg == "token-mean":
         return float(lengths.sum())
     if agg == "seq-mean":
@@ -252,62 +226,53 @@ class LossStats:
     clip_frac: float  # fraction of tokens whose gradient the clip removed
     ratio: float  # mean pi / pi_old
     kl: float  # mean k3 estimate of KL(pi || ref); 0 without a reference
-    tis_weight: float  # mean truncated importance weight; 1 when off
 
 
 def merge_stats(parts):
     """Combine LossStats of the parts of one batch: losses add, means are token-weighted."""
     tokens = sum(p.tokens for p in parts)
-
-    def mean(name):
-        return sum(getattr(p, name) * p.tokens for p in parts) / max(tokens, 1)
-
-    return LossStats(sum(p.loss for p in parts), tokens, mean("clip_frac"), mean("ratio"), mean("kl"),
-                     mean("tis_weight"))
+    clip_frac, ratio, kl = (sum(getattr(p, name) * p.tokens for p in parts) / max(tokens, 1)
+                            for name in ("clip_frac", "ratio", "kl"))
+    return LossStats(sum(p.loss for p in parts), tokens, clip_frac, ratio, kl)
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, agg="token-mean",
-                normalizer=None, constant_norm=None, ref_logp=None, kl_beta=0.0, rollout_logp=None,
-                tis_cap=None):
+def policy_loss(logp, old_logp, advantages, mask, cfg=None, normalizer=None, ref_logp=None, rollout_logp=None):
     """Clipped policy-gradient loss (equations at the top of this file) -> (loss, LossStats).
 
     logp [N, L] (with grad), old_logp [N, L], advantages [N], mask [N, L] bool; ref_logp and
     rollout_logp [N, L] or None. Masked-out positions must hold finite values (zeros).
-    normalizer: Z of the whole batch (`loss_normalizer`); None = this batch is the whole batch."""
+    cfg: the GRPOConfig whose clip_low, clip_high, agg, constant_norm, kl_beta and tis_cap apply
+    (None: the defaults). normalizer: Z of the whole batch (`loss_normalizer`); None = this batch."""
+    cfg = GRPOConfig() if cfg is None else cfg
     if normalizer is None:
-        normalizer = loss_normalizer(mask.sum(dim=1), agg, constant_norm)
-    elif agg not in AGGREGATIONS:
-        raise ValueError(f"loss aggregation {agg!r}: use one of {AGGREGATIONS}")
+        normalizer = loss_normalizer(mask.sum(dim=1), cfg.agg, cfg.constant_norm)
+    elif cfg.agg not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation {cfg.agg!r}: use one of {AGGREGATIONS}")
     m = mask.to(logp.dtype)  # [N, L]
     A = advantages.to(logp.dtype)[:, None]  # [N, 1]
 
     ratio = torch.exp(logp - old_logp)  # [N, L]
-    clipped_ratio = ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped_ratio = ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
     pg = -torch.minimum(ratio * A, clipped_ratio * A)  # [N, L]
-    clipped = ((A > 0) & (ratio > 1 + clip_high)) | ((A < 0) & (ratio < 1 - clip_low))  # no gradient there
-    weight = torch.ones_like(logp)
-    if tis_cap is not None:
+    clipped = ((A > 0) & (ratio > 1 + cfg.clip_high)) | ((A < 0) & (ratio < 1 - cfg.clip_low))  # no gradient there
+    if cfg.tis_cap:
         if rollout_logp is None:
             raise ValueError("tis_cap needs rollout_logp, the sampler's log-probs (Rollout.logprobs)")
-        weight = torch.exp(old_logp - rollout_logp).clamp(max=tis_cap).detach()
-        pg = pg * weight
+        pg = pg * torch.exp(old_logp - rollout_logp).clamp(max=cfg.tis_cap).detach()
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # k3 estimator
-    per_token = pg + kl_beta * kl  # [N, L]
+    per_token = pg + cfg.kl_beta * kl  # [N, L]
 
-    if agg == "seq-mean":
+    if cfg.agg == "seq-mean":
         loss = ((per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)).sum() / normalizer
     else:  # token-mean and constant differ only in Z
         loss = (per_token * m).sum() / normalizer
 
     tokens = int(mask.sum())
-    with torch.no_grad():
-        def mean(x):
-            return float((x.float() * m).sum() / max(tokens, 1))
-
-        stats = LossStats(float(loss), tokens, mean(clipped), mean(ratio), mean(kl), mean(weight))
-    return loss, stats
+    with torch.no_grad():  # token means over the mask
+        clip_frac, mean_ratio, mean_kl = (float((x.float() * m).sum() / max(tokens, 1)) for x in (clipped, ratio, kl))
+    return loss, LossStats(float(loss.detach()), tokens, clip_frac, mean_ratio, mean_kl)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,7 +282,6 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, a
 @dataclass
 class Batch:
     """Everything a policy update needs, one row per completion."""
-
     prompt_ids: list  # [N] prompt token ids of each row
     completions: torch.Tensor  # [N, L]
     lengths: torch.Tensor  # [N]
@@ -355,8 +319,7 @@ def prepare_batch(model, rollout, rewards, cfg, adapter=None, with_old_logp=True
     without gradients: old_logp (when with_old_logp; needed as soon as a batch serves more than one
     optimizer step) and ref_logp (when cfg.kl_beta > 0: the same model with the adapter off)."""
     P, G = len(rollout.prompt_ids), rollout.num_samples
-    device = rollout.completions.device
-    rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device).reshape(P, G)
+    rewards = torch.as_tensor(rewards, dtype=torch.float32, device=rollout.completions.device).reshape(P, G)
     advantages = group_advantages(rewards, cfg.adv_scale, cfg.adv_eps).reshape(P * G)
     prompts = [p for p in rollout.prompt_ids for _ in range(G)]
     batch = Batch(prompts, rollout.completions, rollout.lengths, advantages, rollout.logprobs, None, None)
@@ -380,14 +343,10 @@ def grpo_backward(model, batch, micro_batch_size, cfg, normalizer=None):
     parts = []
     for i in range(0, len(batch.prompt_ids), micro_batch_size):
         mb = batch_rows(batch, slice(i, i + micro_batch_size))
-        logp = sequence_logprobs(model, mb.prompt_ids, mb.completions, mb.lengths, cfg.temperature, cfg.chunk_tokens,
-                                 cfg.keep_probs)
+        logp = sequence_logprobs(model, mb.prompt_ids, mb.completions, mb.lengths, cfg.temperature, cfg.chunk_tokens)
         old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
-        loss, stats = policy_loss(logp, old_logp, mb.advantages, length_mask(mb.lengths, logp.shape[1]),
-                                  clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
-                                  normalizer=normalizer, constant_norm=cfg.constant_norm,
-                                  ref_logp=mb.ref_logp, kl_beta=cfg.kl_beta,
-                                  rollout_logp=mb.rollout_logp, tis_cap=cfg.tis_cap)
+        loss, stats = policy_loss(logp, old_logp, mb.advantages, length_mask(mb.lengths, logp.shape[1]), cfg,
+                                  normalizer, mb.ref_logp, mb.rollout_logp)
         loss.backward()
         parts.append(stats)
     return merge_stats(parts)
@@ -396,7 +355,6 @@ def grpo_backward(model, batch, micro_batch_size, cfg, normalizer=None):
 @dataclass
 class StepStats:
     """What one grpo_update did. Accuracies (strict, flexible) come with the rewards: data.score."""
-
     reward: float  # mean reward of the rollout batch
     length: float  # mean completion length in tokens
     zero_adv_groups: float  # fraction of prompts whose samples all scored the same (no signal)
@@ -404,7 +362,6 @@ class StepStats:
     clip_frac: float  # token-weighted over all updates
     ratio: float
     kl: float
-    tis_weight: float
     grad_norm: float  # mean gradient norm before clipping
     updates: int  # optimizer steps taken
 
@@ -423,26 +380,25 @@ def clip_gradients(params, max_norm, loss):
 
 
 def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, scheduler=None, sum_over_processes=None):
-    """One GRPO step on a rollout batch and its rewards [P, G]: prepare it, then for each epoch
-    and each of cfg.mini_batches consecutive slices of prompts: zero_grad, grpo_backward
-    (normalised over that mini-batch), clip the gradient, optimizer.step(), scheduler.step().
-    With a single update the old policy is the current one, so old_logp is not recomputed.
+    """One GRPO step on a rollout batch and its rewards [P, G]: prepare it, then for each of
+    cfg.ppo_epochs passes and each of cfg.mini_batches consecutive slices of prompts: zero_grad,
+    grpo_backward (normalised over that mini-batch), clip the gradient, optimizer and scheduler
+    step. With a single update the old policy is the current one: old_logp is not recomputed.
 
     Data parallelism (train.py under torchrun): each process passes its share of every mini-batch
-    (whole groups) and `sum_over_processes`, a function returning its argument (a number, or a
-    tensor) summed over the processes. Z adds up over disjoint parts (tokens, sequences, sequences
-    x constant), so the mini-batch's Z is the sum of the processes' Z; the gradient and the loss
-    are summed before clipping, and every process takes the same optimizer step. The returned
-    loss and grad_norm are then the whole batch's, the other statistics this process's."""
+    (whole groups) and `sum_over_processes`, which returns its argument (a number or a tensor)
+    summed over the processes. Z adds up over disjoint parts, so the mini-batch's Z, the gradient
+    and the loss are summed before clipping and every process takes the same optimizer step; the
+    returned loss and grad_norm are the whole batch's, the other statistics this process's."""
     P, G = len(rollout.prompt_ids), rollout.num_samples
     prompts_per_step = math.ceil(P / cfg.mini_batches)
-    on_policy = cfg.epochs == 1 and prompts_per_step >= P  # one update: old policy = current policy
+    on_policy = cfg.ppo_epochs == 1 and prompts_per_step >= P  # one update: old policy = current policy
     batch = prepare_batch(model, rollout, rewards, cfg, adapter, with_old_logp=not on_policy)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     total = sum_over_processes or (lambda x: x)  # a single process holds the whole batch
 
     parts, norms = [], []
-    for _ in range(cfg.epochs):
+    for _ in range(cfg.ppo_epochs):
         for first in range(0, P, prompts_per_step):
             optimizer.zero_grad(set_to_none=True)
             mini_batch = batch_rows(batch, slice(first * G, min(first + prompts_per_step, P) * G))
@@ -458,15 +414,7 @@ def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, scheduler
 
     merged = merge_stats(parts)
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(P, G)
-    return StepStats(
-        reward=float(rewards.mean()),
-        length=float(rollout.lengths.float().mean()),
-        zero_adv_groups=float((rewards == rewards[:, :1]).all(dim=1).float().mean()),
-        loss=merged.loss / len(parts),
-        clip_frac=merged.clip_frac,
-        ratio=merged.ratio,
-        kl=merged.kl,
-        tis_weight=merged.tis_weight,
-        grad_norm=sum(norms) / len(norms),
-        updates=len(parts),
-    )
+    return StepStats(reward=float(rewards.mean()), length=float(rollout.lengths.float().mean()),
+                     zero_adv_groups=float((rewards == rewards[:, :1]).all(dim=1).float().mean()),
+                     loss=merged.loss / len(parts), clip_frac=merged.clip_frac, ratio=merged.ratio, kl=merged.kl,
+                     grad_norm=sum(norms) / len(norms), updates=len(parts))

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DECODINGS = {"greedy": ("greedy",), "sampled": ("sampled",), "both": ("greedy", "sampled")}  # --eval-decoding
 
 # name: (default, type or choices, help). A default of None is explained by the help; bool = a switch.
+# The adapter's and GRPO's defaults are their configs' (tinylora.TinyLoRAConfig, grpo.GRPOConfig).
 SETTINGS = {
     "run": {
         "out": (None, str, "run folder (default runs/<date-time>); an existing non-empty one needs --resume or --overwrite"),
@@ -48,14 +49,14 @@ SETTINGS = {
         "threads": (0, int, "CPU threads for torch (0 = torch's default)"),
     },
     "adapter (tinylora.py, docs/method.md)": {
-        "method": ("tinylora", tinylora.METHODS, "the parameterization of the update"),
-        "r": (2, int, "rank of the frozen SVD subspace (LoRA: the LoRA rank)"),
-        "u": (1, int, "TinyLoRA: trainable numbers per tie group"),
+        "method": (tinylora.TinyLoRAConfig.method, tinylora.METHODS, "the parameterization of the update"),
+        "r": (tinylora.TinyLoRAConfig.r, int, "rank of the frozen SVD subspace (LoRA: the LoRA rank)"),
+        "u": (tinylora.TinyLoRAConfig.u, int, "TinyLoRA: trainable numbers per tie group"),
         "n_tie": ("1", str, "modules sharing one trainable vector; 'all' = one vector for the whole model"),
-        "tiling": ("tiled", tinylora.TILINGS, "tie neighbours in depth (tiled) or same-type modules (structured)"),
-        "proj_seed": (0, int, "seed of the fixed random projections P"),
-        "scale": (1.0, float, "multiplier on the adapter's update"),
-        "svd": ("randomized", ("randomized", "exact"), "truncated SVD method"),
+        "tiling": (tinylora.TinyLoRAConfig.tiling, tinylora.TILINGS, "tie neighbours in depth (tiled) or same-type modules (structured)"),
+        "proj_seed": (tinylora.TinyLoRAConfig.seed, int, "seed of the fixed random projections P"),
+        "scale": (tinylora.TinyLoRAConfig.scale, float, "multiplier on the adapter's update"),
+        "svd": (tinylora.TinyLoRAConfig.svd, ("randomized", "exact"), "truncated SVD method"),
         "adapter_dtype": ("float32", ("float32", "bfloat16"), "dtype of the saved adapter file"),
         "svd_cache": (tinylora.DEFAULT_CACHE_DIR, str, "folder of the SVD factors' cache, 'none' for no cache"),
     },
@@ -68,23 +69,23 @@ SETTINGS = {
         "prompts_per_step": (16, int, "problems per step (all processes together)"),
         "samples": (4, int, "GRPO: completions per problem (G)"),
         "max_new_tokens": (512, int, "completion budget per sample"),
-        "temperature": (1.0, float, "rollout sampling temperature"),
+        "temperature": (grpo.GRPOConfig.temperature, float, "rollout sampling temperature"),
         "top_p": (1.0, float, "rollout nucleus sampling"),
-        "clip_low": (0.2, float, "PPO clip: ratio floor 1 - clip_low"),
-        "clip_high": (0.2, float, "PPO clip: ratio ceiling 1 + clip_high"),
-        "tis_cap": (0.0, float, "truncated importance-sampling cap (0 = off)"),
-        "kl_beta": (0.0, float, "weight of the k3 KL to the base model (0 = off)"),
-        "agg": ("token-mean", grpo.AGGREGATIONS, "loss normalisation: token-mean (DAPO), seq-mean (GRPO), constant "
+        "clip_low": (grpo.GRPOConfig.clip_low, float, "PPO clip: ratio floor 1 - clip_low"),
+        "clip_high": (grpo.GRPOConfig.clip_high, float, "PPO clip: ratio ceiling 1 + clip_high"),
+        "tis_cap": (grpo.GRPOConfig.tis_cap, float, "truncated importance-sampling cap (0 = off)"),
+        "kl_beta": (grpo.GRPOConfig.kl_beta, float, "weight of the k3 KL to the base model (0 = off)"),
+        "agg": (grpo.GRPOConfig.agg, grpo.AGGREGATIONS, "loss normalisation: token-mean (DAPO), seq-mean (GRPO), constant "
                 "(Dr. GRPO)"),
         "reward": ("strict", tuple(sorted(data.EXTRACTORS)), "answer check of the reward (docs/grpo.md): strict "
                    "(lenient: last '#### N' read as a number), paper (the authors' verl rule: last '#### N' in the last "
                    "300 characters, compared as a string), flexible (last number) or boxed (last \\boxed{}, MATH)"),
-        "adv_scale": ("std", grpo.ADVANTAGE_SCALES, "divide advantages by the group std, or not (Dr. GRPO)"),
-        "mini_batches": (1, int, "optimizer steps per rollout batch"),
-        "micro_batch": (8, int, "completions per forward/backward (memory; per process)"),
+        "adv_scale": (grpo.GRPOConfig.adv_scale, grpo.ADVANTAGE_SCALES, "divide advantages by the group std, or not (Dr. GRPO)"),
+        "mini_batches": (grpo.GRPOConfig.mini_batches, int, "optimizer steps per rollout batch"),
+        "micro_batch": (grpo.GRPOConfig.micro_batch_size, int, "completions per forward/backward (memory; per process)"),
         "weight_decay": (0.0, float, "AdamW weight decay"),
         "warmup": (0.0, float, "fraction of steps with a linear learning-rate warm-up"),
-        "max_grad_norm": (1.0, float, "gradient clipping (0 = off)"),
+        "max_grad_norm": (grpo.GRPOConfig.max_grad_norm, float, "gradient clipping (0 = off)"),
         "seed": (0, int, "data order and sampling seed"),
         "save_every": (10, int, "checkpoint every N steps (0 = only at the end and on Ctrl-C)"),
     },

@@ -426,12 +426,12 @@ def _cache_problem(cached, reports, targets, r):
 def fingerprint(model, samples=4096):
     """What the model computes, nothing else: "architecture=... model.embed_tokens=... model.layers=...
     model.norm=... lm_head=...", 8 hex digits of sha256 each, so `fingerprint_mismatch` can say which
-    part differs. architecture: the ModelConfig fields but dtype, eos_token_ids, max_position_embeddings
-    (editing those keeps an adapter usable). Weights: per parameter its name, shape and up to `samples`
+    part differs. architecture: the ModelConfig fields but dtype and max_position_embeddings (editing
+    those keeps an adapter usable). Weights: per parameter its name, shape and up to `samples`
     entries strided over rows and columns, rounded to bf16 so fp32 and bf16 loads agree (1.4M entries
     for 7B: cheap). It tells checkpoints apart; it is not a checksum."""
     computes = {k: v for k, v in asdict(model.config).items()
-                if k not in ("dtype", "eos_token_ids", "max_position_embeddings")}
+                if k not in ("dtype", "max_position_embeddings")}
     parts = {"architecture": hashlib.sha256(json.dumps(computes, sort_keys=True).encode())}
     for name, p in model.named_parameters():  # a tied lm_head is embed_tokens' parameter: listed once
         part = "model.layers" if name.startswith("model.layers.") else name.rsplit(".", 1)[0]

@@ -224,10 +224,10 @@ N_EVAL, N_TRAIN = 500, 3000
 PRETRAIN_STEPS, BATCH, LR, WARMUP = 1200, 64, 3e-3, 100
 
 
-def model_config(vocab_size, end_id):
+def model_config(vocab_size):
     return ModelConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
-                       tie_word_embeddings=True, max_position_embeddings=256, eos_token_ids=[end_id])
+                       tie_word_embeddings=True, max_position_embeddings=256)
 
 
 def init_weights(model):
@@ -488,7 +488,7 @@ def build():
           f"mean length {sum(len(s) for s, _, _ in examples) / len(examples):.1f}", flush=True)
 
     torch.manual_seed(SEED)
-    model = Transformer(model_config(tok.get_vocab_size(), tok.token_to_id("<|im_end|>")))
+    model = Transformer(model_config(tok.get_vocab_size()))
     init_weights(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters; pretraining {PRETRAIN_STEPS} steps x {BATCH}", flush=True)

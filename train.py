@@ -108,9 +108,8 @@ def grpo_step(net, tok, adapter, optimizer, batch, s, step):
     scores = data.score(out.texts, targets)  # accuracy is always reported strict and flexible
     references = [data.reward_target(p, s.reward) for p in batch for _ in range(s.samples)]
     rewards = [data.reward(text, reference, s.reward) for text, reference in zip(out.texts, references)]
-    cfg = grpo.GRPOConfig(num_samples=s.samples, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                          top_p=s.top_p, adv_scale=s.adv_scale, agg=s.agg, constant_norm=s.max_new_tokens,
-                          clip_low=s.clip_low, clip_high=s.clip_high, tis_cap=s.tis_cap or None, kl_beta=s.kl_beta,
+    cfg = grpo.GRPOConfig(temperature=s.temperature, adv_scale=s.adv_scale, agg=s.agg, constant_norm=s.max_new_tokens,
+                          clip_low=s.clip_low, clip_high=s.clip_high, tis_cap=s.tis_cap, kl_beta=s.kl_beta,
                           mini_batches=s.mini_batches, micro_batch_size=s.micro_batch,
                           max_grad_norm=s.max_grad_norm or None)
     stats = grpo.grpo_update(net, out, rewards, optimizer, cfg, adapter, sum_over_processes=sum_over_processes)

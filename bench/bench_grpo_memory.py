@@ -69,7 +69,7 @@ def child(run, path, prompts, vocab):
         with torch.no_grad():
             model(ids, start=start)
     else:
-        cfg = grpo.GRPOConfig(num_samples=G, max_new_tokens=COMPLETION)
+        cfg = grpo.GRPOConfig(mini_batches=2, micro_batch_size=4)  # the micro-batched run this bench records
         if run == "grpo-whole":
             cfg.mini_batches, cfg.micro_batch_size = 1, len(rows)
         grpo.grpo_update(model, rollout, rewards, optimizer, cfg, adapter)

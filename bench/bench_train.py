@@ -17,8 +17,10 @@ Sides, timed alternately in one process; ratios are of median CPU times over `--
 (wall-time ratios printed beside them):
   ours           grpo.sequence_logprobs (lm_head + log-softmax only on completion positions,
                  1024 rows at a time, recomputed in backward) + the adapter's forward hooks
-  ours-keep      the same with keep_probs=True: each block's softmax kept from forward to backward
-                 (the same model as ours in the timed process; its own in the memory child)
+  ours-textbook  the same with textbook=True: grpo.textbook_logprobs, the completion positions'
+                 logits at once, log_softmax, gather, autograd's backward (the [rows, vocab] softmax
+                 kept for backward); the same model as ours in the timed process, its own in the
+                 memory child
   peft-full      PEFT TinyLoraConfig(r=2, u=1, weight_tying=0) on Qwen2ForCausalLM; the plain
                  transformers recipe: logits of every position, log_softmax, gather
   peft-trl       the same PEFT model, log-probs as TRL's GRPOTrainer computes them: logits of the
@@ -27,7 +29,7 @@ Sides, timed alternately in one process; ratios are of median CPU times over `--
                  tensor is a scalar multiplying the embedding output, so backward still runs
                  through every layer, as it must to reach the adapter's v in layer 0 (a scalar on
                  the final norm's output would skip the layers' backward and flatter the base)
-Peak memory (ours, ours-keep and the two PEFT sides): each in a fresh child process, so one side's peak cannot hide the other's: load,
+Peak memory (ours, ours-textbook and the two PEFT sides): each in a fresh child process, so one side's peak cannot hide the other's: load,
 read every weight once (both loaders map the checkpoint file, so weights become resident on first
 use), reset the RSS high-water mark (5 > /proc/self/clear_refs); the step's peak is the mark after
 one step minus the RSS before it: memory above the loaded model.
@@ -63,7 +65,7 @@ def batch(rows, vocab, seed=0):
 
 def loss_of(logp, advantages, lengths):
     mask = grpo.length_mask(lengths, logp.shape[1])
-    return grpo.policy_loss(logp, logp.detach(), advantages, mask, agg="token-mean")[0]
+    return grpo.policy_loss(logp, logp.detach(), advantages, mask, grpo.GRPOConfig(agg="token-mean"))[0]
 
 
 # ---- the sides
@@ -78,7 +80,7 @@ class Side:
     adapter: object = None  # ours: the tinylora.Adapter
 
 
-def build_ours(path, data, adapter_on=True, keep_probs=False):
+def build_ours(path, data, adapter_on=True, textbook=False):
     prompts, completions, lengths, advantages = data
     model = M.load_model(path, dtype=torch.float32, device="cpu")
     adapter, n = tinylora.attach(model, tinylora.TinyLoRAConfig(r=2, u=1, n_tie=1), cache_dir=None, quiet=True)
@@ -86,15 +88,15 @@ def build_ours(path, data, adapter_on=True, keep_probs=False):
     scale = torch.ones((), requires_grad=True)  # the base's only trainable tensor (see the docstring)
     model.model.embed_tokens.register_forward_hook(lambda module, args, out: out * scale)
 
-    def logp(keep=keep_probs):
-        return grpo.sequence_logprobs(model, prompt_ids, completions, lengths, keep_probs=keep)
+    def logp(plain=textbook):
+        return grpo.sequence_logprobs(model, prompt_ids, completions, lengths, textbook=plain)
 
-    def step(keep=keep_probs):
+    def step(plain=textbook):
         if adapter_on:
-            loss_of(logp(keep), advantages, lengths).backward()
+            loss_of(logp(plain), advantages, lengths).backward()
         else:
             with adapter.disabled():
-                loss_of(logp(keep), advantages, lengths).backward()
+                loss_of(logp(plain), advantages, lengths).backward()
         adapter.tensors["v"].grad = scale.grad = None
 
     return Side(step, logp, model, n, adapter)
@@ -132,8 +134,8 @@ def build_peft(path, data, how, peft_model=None):
 
 
 def build(side, path, data):
-    if side in ("ours", "ours-keep", "base"):
-        return build_ours(path, data, adapter_on=side != "base", keep_probs=side == "ours-keep")
+    if side in ("ours", "ours-textbook", "base"):
+        return build_ours(path, data, adapter_on=side != "base", textbook=side == "ours-textbook")
     return build_peft(path, data, side.removeprefix("peft-"))
 
 
@@ -179,13 +181,15 @@ def run(args, shape, rows, memory_rows, repeats, record, workdir):
     built = {side: build(side, workdir, data) for side in ("ours", "peft-full")}
     built["peft-trl"] = build_peft(workdir, data, "trl", peft_model=built["peft-full"].model)
     ours = built["ours"]
-    built["ours-keep"] = Side(lambda: ours.step(keep=True), ours.logp, ours.model, ours.trainable, ours.adapter)
+    built["ours-textbook"] = Side(lambda: ours.step(plain=True), lambda: ours.logp(plain=True), ours.model,
+                                  ours.trainable, ours.adapter)
     adapter = built["ours"].adapter
 
     # parity at v = 0: every side computes the base model's log-probs (this also pages the weights in)
     with torch.no_grad():
         ref = built["peft-full"].logp()
-        record["max_logp_diff"] = max((built[s].logp() - ref).abs().max().item() for s in ("ours", "peft-trl"))
+        sides = ("ours", "ours-textbook", "peft-trl")
+        record["max_logp_diff"] = max((built[s].logp() - ref).abs().max().item() for s in sides)
     record["trainable"] = {s: built[s].trainable for s in built}
 
     def base_step():  # the model of "ours" with the adapter off; the embedding scalar is still trained
@@ -197,7 +201,7 @@ def run(args, shape, rows, memory_rows, repeats, record, workdir):
     record.update(step_cpu_s=cpu, step_wall_s=wall)
 
     del built, adapter
-    measured = ("ours", "ours-keep", "peft-full", "peft-trl")
+    measured = ("ours", "ours-textbook", "peft-full", "peft-trl")
     children = common.child_peaks(os.path.abspath(__file__), {s: [s, workdir, memory_rows, shape["vocab"]] for s in measured})
     peaks = {s: children[s]["peak_bytes"] for s in measured}
     record["peak_bytes"] = peaks
@@ -208,7 +212,7 @@ def run(args, shape, rows, memory_rows, repeats, record, workdir):
           f"log-prob parity at v=0: max |diff| {record['max_logp_diff']:.1e}")
     wall_med = {s: common.median(t) for s, t in wall.items()}
     refs = ("peft-full", "peft-trl")
-    for ours, suffix in (("ours", ""), ("ours-keep", "_keep_probs")):
+    for ours, suffix in (("ours", ""), ("ours-textbook", "_textbook")):
         record["speedup" + suffix] = {ref: med[ref] / med[ours] for ref in refs}
         record["memory_ratio" + suffix] = {ref: peaks[ours] / peaks[ref] for ref in refs}
         for ref in refs:

@@ -127,7 +127,7 @@ def test_grpo_update_on_cuda_gives_the_cpu_gradient_in_fp32(tiny_ckpt, tmp_path)
     rollout = grpo.rollout(models["cuda"], tokenizer, PROMPTS[:2], num_samples=4, max_new_tokens=10,
                            generator=torch.Generator(device="cuda").manual_seed(0), adapter=adapters["cuda"])
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
-    cfg = grpo.GRPOConfig(num_samples=4, max_new_tokens=10, mini_batches=1, micro_batch_size=3, max_grad_norm=None,
+    cfg = grpo.GRPOConfig(mini_batches=1, micro_batch_size=3, max_grad_norm=None,
                           kl_beta=0.1, tis_cap=2.0)
     grads = {}
     for device in ("cpu", "cuda"):

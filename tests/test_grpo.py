@@ -62,10 +62,9 @@ def setup(tiny_ckpt):
 
 
 def naive_logprobs(model, prompt, completion, temperature=1.0):
-    """Unpadded full forward of one row: log_softmax(logits / T) at the completion tokens."""
-    ids = torch.tensor([prompt + completion])
-    logits = model(ids)[0, len(prompt) - 1:-1].float() / temperature  # [len(completion), V]
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+    """Unpadded full forward of one row, then the textbook log-probs at its completion positions."""
+    hidden = model.hidden_states(torch.tensor([prompt + completion]))[0, len(prompt) - 1:-1]  # [len(completion), D]
+    return grpo.textbook_logprobs(hidden, model.lm_head.weight, torch.tensor(completion), temperature)
 
 
 def ragged_batch(tokenizer, seed=0):
@@ -193,73 +192,39 @@ def test_no_logits_beyond_one_chunk_in_forward_or_backward(setup):
     assert naive.rows == completions.numel()
 
 
-@pytest.mark.parametrize("keep_probs", [False, True])
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_token_logprobs_hand_written_backward_matches_autograd(temperature, keep_probs):
-    """Gradients to the hidden states and to lm_head's weight (which full fine-tuning, or tied
-    embeddings, would train) equal autograd's through the plain formula."""
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(7, 5, generator=g, requires_grad=True)
-    weight = torch.randn(11, 5, generator=g, requires_grad=True)
-    targets = torch.randint(0, 11, (7,), generator=g)
-    upstream = torch.randn(7, generator=g)
-    logp = grpo.TokenLogprobs.apply(hidden, weight, targets, temperature, 3, keep_probs)
-    expected = torch.log_softmax(hidden @ weight.T / temperature, -1).gather(-1, targets[:, None])[:, 0]
-    assert torch.allclose(logp, expected, atol=1e-6)
-    grads = torch.autograd.grad(logp, (hidden, weight), upstream)
-    expected_grads = torch.autograd.grad(expected, (hidden, weight), upstream)
-    for got, want in zip(grads, expected_grads):
-        assert torch.allclose(got, want, atol=1e-6)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("chunk", [3, 7, 100])  # several chunks, a ragged last one; one chunk
-def test_token_logprobs_keep_probs_matches_recompute(temperature, chunk):
-    """keep_probs=True (the softmax kept from forward) gives the log-probs and the gradients to
-    the hidden states and lm_head's weight of the default path (the softmax recomputed). Both
-    work on fp32 blocks whatever the input dtype, so fp32 rounding is the tolerance. (No
-    gradcheck: it runs backward through one graph many times, which keep_probs refuses, see
-    below; the hand-written backward test above compares it with autograd instead.)"""
+def test_token_logprobs_equal_textbook_logprobs_values_and_gradients(temperature, chunk):
+    """The chunked forward and the hand-written backward give the textbook formula's log-probs and
+    autograd's gradients, to the hidden states and to lm_head's weight (which full fine-tuning, or
+    tied embeddings, would train), and to the hidden states alone (lm_head frozen, as with an adapter)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(7, 5, generator=g, requires_grad=True)
     weight = torch.randn(11, 5, generator=g, requires_grad=True)
     targets = torch.randint(0, 11, (7,), generator=g)
     upstream = torch.randn(7, generator=g)
-    results = []
-    for keep in (False, True):
-        logp = grpo.TokenLogprobs.apply(hidden, weight, targets, temperature, chunk, keep)
-        results.append((logp, *torch.autograd.grad(logp, (hidden, weight), upstream)))
-        # the hidden states alone (lm_head frozen, as with an adapter)
-        logp = grpo.TokenLogprobs.apply(hidden, weight.detach(), targets, temperature, chunk, keep)
-        results[-1] += torch.autograd.grad(logp, hidden, upstream)
-    for recomputed, kept in zip(*results):  # gradient entries are sums that may cancel: scale to the largest
-        torch.testing.assert_close(kept, recomputed, rtol=1e-5, atol=1e-6 * max(1.0, float(recomputed.detach().abs().max())))
+    for w, inputs in ((weight, (hidden, weight)), (weight.detach(), (hidden,))):
+        logp = grpo.TokenLogprobs.apply(hidden, w, targets, temperature, chunk)
+        expected = grpo.textbook_logprobs(hidden, w, targets, temperature)
+        assert torch.allclose(logp, expected, atol=1e-6)
+        grads = torch.autograd.grad(logp, inputs, upstream)
+        expected_grads = torch.autograd.grad(expected, inputs, upstream)
+        for got, want in zip(grads, expected_grads):
+            assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_token_logprobs_keep_probs_refuses_a_second_backward():
-    """The kept softmax becomes the gradient in place: backward through the same graph again
-    (retain_graph=True) must fail loudly rather than compute a wrong gradient."""
-    hidden = torch.randn(4, 3, requires_grad=True)
-    logp = grpo.TokenLogprobs.apply(hidden, torch.randn(6, 3), torch.tensor([0, 1, 2, 3]), 1.0, 2, True)
-    logp.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace"):
-        logp.sum().backward()
-
-
-def test_sequence_logprobs_keep_probs_matches_recompute(setup):
-    """Through the model: the same log-probs and gradient to the adapter; nothing kept without grad."""
+def test_sequence_logprobs_textbook_path_matches_token_logprobs(setup):
+    """Through the model: the textbook path gives the same log-probs and gradient to the adapter."""
     model, tok, adapter = setup
     prompts, completions, lengths = ragged_batch(tok)
     upstream = torch.randn(completions.shape, generator=torch.Generator().manual_seed(2))
     results = []
-    for keep in (False, True):
-        logp = grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, chunk_tokens=5, keep_probs=keep)
+    for textbook in (False, True):
+        logp = grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, chunk_tokens=5, textbook=textbook)
         results.append((logp, *torch.autograd.grad(logp, adapter.v, upstream)))
-    for recomputed, kept in zip(*results):  # log-probs, then the gradient (a sum over tokens): scaled to the largest
-        torch.testing.assert_close(kept, recomputed, rtol=0, atol=1e-6 * max(1.0, float(recomputed.detach().abs().max())))
-    with torch.no_grad():  # no graph, so no softmax is kept
-        assert torch.equal(grpo.sequence_logprobs(model, prompts, completions, lengths, 0.7, 5, keep_probs=True),
-                           results[0][0].detach())
+    for chunked, textbook in zip(*results):  # log-probs, then the gradient (a sum over tokens)
+        scale = max(1.0, float(textbook.detach().abs().max()))  # entries may cancel: scaled to the largest
+        torch.testing.assert_close(chunked, textbook, rtol=0, atol=1e-6 * scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +250,7 @@ def test_on_policy_gradient_is_reinforce(setup, agg):
     A = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.5, 0.7])
     mask = grpo.length_mask(lengths, 8)
     logp = grpo.sequence_logprobs(model, prompts, completions, lengths)
-    loss, stats = grpo.policy_loss(logp, logp.detach(), A, mask, agg=agg, constant_norm=10)
+    loss, stats = grpo.policy_loss(logp, logp.detach(), A, mask, grpo.GRPOConfig(agg=agg, constant_norm=10))
     (grad,) = torch.autograd.grad(loss, adapter.v)
 
     w = mode_weights(lengths, 8, agg, 10)
@@ -312,8 +277,8 @@ def test_clipping_removes_gradient_exactly_where_ppo_says(seed, clips):
     A = torch.randn(N, generator=g)
     mask = torch.rand(N, L, generator=g) < 0.8
 
-    loss, stats = grpo.policy_loss(logp, old_logp, A, mask, clip_low, clip_high, rollout_logp=rollout_logp,
-                                   tis_cap=2.0)
+    cfg = grpo.GRPOConfig(clip_low=clip_low, clip_high=clip_high, tis_cap=2.0)
+    loss, stats = grpo.policy_loss(logp, old_logp, A, mask, cfg, rollout_logp=rollout_logp)
     (grad,) = torch.autograd.grad(loss, logp)
 
     A_ = A[:, None].expand(N, L)
@@ -325,6 +290,20 @@ def test_clipping_removes_gradient_exactly_where_ppo_says(seed, clips):
     assert stats.clip_frac == pytest.approx(float((clipped & mask).sum() / mask.sum()))
 
 
+def test_tis_is_off_by_default_and_at_cap_zero():
+    """GRPOConfig's defaults are plain GRPO: tis_cap 0 means no importance weight (not a weight of 0),
+    and a cap weighs every token by min(pi_old / pi_rollout, cap)."""
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(3, 4, generator=g).requires_grad_()
+    old_logp, rollout_logp = logp.detach() + 0.01, logp.detach() - 1.0  # pi_old / pi_rollout = e^1.01 > 2
+    A, mask = torch.tensor([1.0, -1.0, 0.5]), torch.ones(3, 4, dtype=torch.bool)
+    plain, _ = grpo.policy_loss(logp, old_logp, A, mask)
+    for cfg in (None, grpo.GRPOConfig(tis_cap=0.0)):
+        assert torch.equal(grpo.policy_loss(logp, old_logp, A, mask, cfg, rollout_logp=rollout_logp)[0], plain)
+    capped, _ = grpo.policy_loss(logp, old_logp, A, mask, grpo.GRPOConfig(tis_cap=2.0), rollout_logp=rollout_logp)
+    assert torch.allclose(capped, 2 * plain) and plain != 0
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 2**31))
 def test_k3_kl_is_nonnegative_and_zero_when_policies_coincide(seed):
@@ -333,12 +312,13 @@ def test_k3_kl_is_nonnegative_and_zero_when_policies_coincide(seed):
     ref = 3 * torch.randn(4, 6, generator=g)
     mask = torch.ones(4, 6, dtype=torch.bool)
     zero_adv = torch.zeros(4)
-    loss, stats = grpo.policy_loss(logp, logp.detach(), zero_adv, mask, ref_logp=ref, kl_beta=1.0)
+    cfg = grpo.GRPOConfig(kl_beta=1.0)
+    loss, stats = grpo.policy_loss(logp, logp.detach(), zero_adv, mask, cfg, ref_logp=ref)
     k3 = torch.exp(ref - logp) - (ref - logp) - 1
     assert loss >= 0 and stats.kl >= 0 and bool((k3 >= 0).all())
     assert loss.item() == pytest.approx(k3.mean().item(), rel=1e-5)
 
-    loss, stats = grpo.policy_loss(logp, logp.detach(), zero_adv, mask, ref_logp=logp.detach(), kl_beta=1.0)
+    loss, stats = grpo.policy_loss(logp, logp.detach(), zero_adv, mask, cfg, ref_logp=logp.detach())
     (grad,) = torch.autograd.grad(loss, logp)
     assert loss.item() == 0 and stats.kl == 0 and torch.equal(grad, torch.zeros_like(grad))
 
@@ -360,8 +340,8 @@ def test_kl_term_enters_loss_and_gradient_with_weight_beta(agg, beta):
     A = torch.randn(N, generator=g, dtype=torch.float64)
 
     def loss_and_gradient(kl_beta):
-        loss, _ = grpo.policy_loss(logp, old_logp, A, mask, agg=agg, constant_norm=constant_norm, ref_logp=ref_logp,
-                                   kl_beta=kl_beta, rollout_logp=rollout_logp, tis_cap=2.0)
+        cfg = grpo.GRPOConfig(agg=agg, constant_norm=constant_norm, kl_beta=kl_beta, tis_cap=2.0)
+        loss, _ = grpo.policy_loss(logp, old_logp, A, mask, cfg, ref_logp=ref_logp, rollout_logp=rollout_logp)
         return loss, torch.autograd.grad(loss, logp)[0]
 
     m = mask.double()
@@ -454,7 +434,7 @@ def test_old_logp_is_kept_so_the_second_update_is_off_policy(setup):
     model, tok, adapter = setup
     prompts = [tok.encode_chat("hi"), tok.encode_chat("there")]
     r = grpo.rollout(model, tok, prompts, 4, 6, generator=torch.Generator().manual_seed(0), adapter=adapter)
-    cfg = grpo.GRPOConfig(micro_batch_size=8, tis_cap=None)
+    cfg = grpo.GRPOConfig(micro_batch_size=8)
     batch = grpo.prepare_batch(model, r, [[1, 0, 0, 1], [0, 0, 1, 0]], cfg, adapter)
     optimizer = torch.optim.Adam(adapter.parameters(), lr=0.3)
     first = grpo.grpo_backward(model, batch, 8, cfg)
@@ -481,12 +461,11 @@ def test_grpo_steps_raise_the_probability_of_the_rewarded_completion(setup):
     candidates = [t for t in before.argsort(descending=True).tolist() if t not in tok.end_ids]
     target = candidates[0]  # about 3% at first: sampled now and then, far from certain
 
-    cfg = grpo.GRPOConfig(num_samples=8, max_new_tokens=3, mini_batches=2, micro_batch_size=8)
+    cfg = grpo.GRPOConfig(mini_batches=2, micro_batch_size=8)
     optimizer = torch.optim.Adam(adapter.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(0)
     for _ in range(25):
-        r = grpo.rollout(model, tok, prompts, cfg.num_samples, cfg.max_new_tokens, cfg.temperature,
-                         generator=generator, adapter=adapter)
+        r = grpo.rollout(model, tok, prompts, 8, 3, cfg.temperature, generator=generator, adapter=adapter)
         rewards = (r.completions[:, 0] == target).float().reshape(2, 8)
         stats = grpo.grpo_update(model, r, rewards, optimizer, cfg, adapter)
         assert stats.updates == 2 and math.isfinite(stats.loss)
