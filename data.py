@@ -355,6 +355,6 @@ def load_problems(path, sft_field=None):
 def make_prompt(tokenizer, question, instruction=DEFAULT_INSTRUCTION, system=None):
     """Token ids of the chat prompt for one question: user turn = question + ' ' + instruction
     (the instruction left out when empty); `system` None = the model family's default (Qwen2.5's
-    system prompt; none for Llama 3 and Qwen3: model.Tokenizer.chat_prompt)."""
+    system prompt; none for Llama 3 and Qwen3: tokenizer.Tokenizer.chat_prompt)."""
     user = f"{question} {instruction}" if instruction else question
     return tokenizer.encode_chat(user, system)

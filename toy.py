@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer, chatml_prompt, generate, left_pad, load_model, load_tokenizer
+from model import ModelConfig, Transformer, generate, left_pad, load_model
+from tokenizer import chatml_prompt, load_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOY_DIR = os.path.join(ROOT, "toy")

@@ -59,6 +59,7 @@ import data
 import grpo
 import model as M
 import tinylora
+from tokenizer import load_tokenizer
 from runs import (Progress, RunFolder, StopRequest, UsageError, append_jsonl, clock, first_on_each_machine, gather_lists, interrupted_line,
                   join_processes, my_share, os_error_line, out_of_memory_line, plot_curves, rank, read_before,
                   read_checkpoint, read_log, restore_checkpoint, save_checkpoint, sum_over_processes, world_size,
@@ -454,7 +455,7 @@ def build(s):
     size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(s.model, "*.safetensors")))
     if size > 1e9 and rank() == 0:  # a real checkpoint: reading it takes a while
         print(f"loading {s.model} ({size / 1e9:.1f} GB) ...", flush=True)
-    tok = M.load_tokenizer(s.model)  # seconds: a missing tokenizer.json is reported before the minutes of loading
+    tok = load_tokenizer(s.model)  # seconds: a missing tokenizer.json is reported before the minutes of loading
     return M.load_model(s.model, s.dtype, s.device), tok
 
 def make_adapter(net, s):

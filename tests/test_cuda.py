@@ -15,6 +15,7 @@ import torch
 
 import grpo
 import model as M
+import tokenizer as T
 import tinylora
 import train
 
@@ -115,7 +116,7 @@ def test_grpo_update_on_cuda_gives_the_cpu_gradient_in_fp32(tiny_ckpt, tmp_path)
     adapter merged; the same rollout scored on the CPU must give the same gradient. Both adapters
     hold the same SVD factors (the CPU's, through the SVD cache), so only the kernels differ."""
     path = tiny_ckpt[0]
-    tokenizer = M.load_tokenizer(path)
+    tokenizer = T.load_tokenizer(path)
     models, adapters = {}, {}
     for device in ("cpu", "cuda"):
         models[device] = M.load_model(path, dtype=torch.float32, device=device)

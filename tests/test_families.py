@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import model as M
+import tokenizer as T
 import tinylora
 from conftest import write_tokenizer
 from tinylora import TinyLoRAConfig
@@ -119,7 +120,7 @@ def test_chat_prompt_ids_equal_the_family_template(checkpoint, system):
     from transformers import PreTrainedTokenizerFast
 
     path, family, _ = checkpoint
-    tok = M.load_tokenizer(path)
+    tok = T.load_tokenizer(path)
     assert tok.chat_format == {"llama": "llama3", "qwen3": "qwen3"}[family]
     reference = PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"),
                                         bos_token="<|begin_of_text|>" if family == "llama" else None,
@@ -133,7 +134,7 @@ def test_chat_prompt_ids_equal_the_family_template(checkpoint, system):
 
 def test_end_ids_are_the_family_end_of_turn_tokens(checkpoint):
     path, family, _ = checkpoint
-    tok = M.load_tokenizer(path)
+    tok = T.load_tokenizer(path)
     names = ["<|eot_id|>", "<|end_of_text|>"] if family == "llama" else ["<|im_end|>", "<|endoftext|>"]
     assert tok.end_ids == [tok.token_id(n) for n in names] and tok.pad_id == tok.token_id(names[1])
 

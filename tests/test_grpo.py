@@ -15,7 +15,8 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import grpo
-from model import load_model, load_tokenizer
+from model import load_model
+from tokenizer import load_tokenizer
 
 
 class StandInAdapter:

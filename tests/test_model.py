@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import model as M
+import tokenizer as T
 from conftest import write_checkpoint
 
 
@@ -185,7 +186,7 @@ def test_loaded_model_is_frozen_and_tied_head_shares_storage(tmp_path):
 
 def test_chat_prompt_and_end_ids(tiny_ckpt):
     path, _ = tiny_ckpt
-    tok = M.load_tokenizer(path)
+    tok = T.load_tokenizer(path)
     text = tok.chat_prompt("What is 2+2?")
     assert text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
                     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
@@ -270,7 +271,7 @@ def test_missing_or_broken_tokenizer_is_a_clear_error(tmp_path, tiny_ckpt):
     path = _broken(tmp_path, tiny_ckpt)
     (path / "tokenizer.json").unlink()
     with pytest.raises(M.CheckpointError, match="tokenizer.json: missing"):
-        M.load_tokenizer(str(path))
+        T.load_tokenizer(str(path))
     (path / "tokenizer.json").write_text("{}")
     with pytest.raises(M.CheckpointError, match="tokenizer.json: not a valid tokenizers file"):
-        M.load_tokenizer(str(path))
+        T.load_tokenizer(str(path))

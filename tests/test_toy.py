@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import toy
-from model import left_pad, load_model, load_tokenizer
+from model import left_pad, load_model
+from tokenizer import load_tokenizer
 
 GAINS = {"buys", "finds", "gets"}  # the test's own reading of the question, independent of toy.VERBS
 LOSSES = {"gives away", "loses", "sells"}
