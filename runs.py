@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 
+import svd
 import tinylora
 
 
@@ -106,7 +107,7 @@ def my_share(items, mini_batches):
 
 def first_on_each_machine(fn):
     """fn() in the first process of each machine, then in the others: the first computes the SVD
-    factors and writes them to the on-disk cache (tinylora.svd_factors), the others read them."""
+    factors and writes them to the on-disk cache (svd.svd_factors), the others read them."""
     if world_size() == 1:
         return fn()
     if local_rank() > 0:
@@ -403,7 +404,7 @@ def read_checkpoint(path, run_id, total):
     [module, column, row]. Nothing is loaded into the model here."""
     restart = "remove it to restart the run from step 0, or start a new run"
     try:
-        meta, tensors = tinylora.read_safetensors(path)
+        meta, tensors = svd.read_safetensors(path)
     except (OSError, SafetensorError) as e:
         raise UsageError(f"{path}: unreadable checkpoint (truncated or corrupt?): {e}; {restart}") from None
     if meta.get("run_id", "") != (run_id or ""):

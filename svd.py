@@ -1,4 +1,5 @@
-"""A certified rank-r truncated SVD: the frozen factors U, S, V of every TinyLoRA module.
+"""The frozen factors U, S, V of every TinyLoRA module: a certified rank-r truncated SVD
+(`truncated_svd`), computed for every target and cached on disk (`svd_factors`).
 
 The paper's adapter lives in the top-r singular subspaces of each weight, so the factors must be
 that subspace, not an approximation of W that merely reconstructs it well: on real weights the top
@@ -7,9 +8,16 @@ a randomized SVD return a basis decided by the random start. `truncated_svd` ite
 Davis-Kahan bound certifies every column within sine `tol` of the exact SVD's (docs/method.md §4).
 """
 
+import hashlib
+import json
 import math
+import os
+import sys
+import time
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 def _ritz(W, Q):
@@ -93,3 +101,87 @@ def svd_summary(reports):
     worst = max(r["sine_bound"] for r in reports.values())
     return (f"{len(randomized)} by subspace iteration (median {passes} passes), {len(reports) - len(randomized)} exact; "
             f"every U, V within sine {worst:.1e} of the exact SVD's")
+
+
+# --------------------------------------------------------------------------------------------
+# The frozen factors: a certified rank-r truncated SVD of every target, cached on disk
+
+TIE_GAP = 1e-6  # (s_i - s_{i+1}) / s_1 below this, i <= r: "tied", warned about (svd_factors)
+SVD_VERSION = "3"  # the truncated SVD algorithm, in the cache key (3: exact in fp64; 2: iterate to a sine bound; 1: 4 fixed passes)
+
+
+def svd_factors(targets, config, model_fingerprint, cache_dir, quiet=False):
+    """Fill U, S, Vh of every target -> {module name: truncated_svd's report}. Cached (cache_dir None: not)
+    under a key of all the factors depend on, SVD settings and SVD_VERSION included. Warns once, naming
+    the modules, when nearly tied singular values leave factors short of the tolerance."""
+    device, c = targets[0].linear.weight.device, config
+    key = hashlib.sha256(json.dumps([model_fingerprint, str(targets[0].linear.weight.dtype), c.targets, c.r, c.svd,
+                                     c.svd_oversample, c.svd_tol, c.svd_max_iter, SVD_VERSION]).encode()).hexdigest()[:32]
+    path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else None
+    if path and os.path.isfile(path):
+        try:
+            meta, cached = read_safetensors(path, device)
+            reports = json.loads(meta.get("reports", "{}"))
+            problem = _cache_problem(cached, reports, targets, c.r)
+        except (OSError, SafetensorError, ValueError) as e:
+            problem = f"unreadable: {e}"
+        if problem is None:
+            for t in targets:
+                t.U, t.S, t.Vh = (cached[f"{t.name}.{f}"] for f in ("U", "S", "Vh"))
+            return {t.name: reports[t.name] for t in targets}
+        print(f"tinylora: ignoring the SVD cache {path} ({problem}); recomputing it", file=sys.stderr)
+    reports, start = {}, time.monotonic()
+    last = start
+    for n, t in enumerate(targets, 1):
+        t.U, t.S, t.Vh, reports[t.name] = truncated_svd(t.linear.weight.detach().float(), c.r, c.svd == "exact",
+                                                       c.svd_oversample, c.svd_tol, c.svd_max_iter, seed=t.index)
+        if not quiet and time.monotonic() - last > 2:
+            print(f"tinylora: SVD {n}/{len(targets)} modules ({t.name}), {time.monotonic() - start:.0f} s", file=sys.stderr)
+            last = time.monotonic()
+    if not quiet:
+        print(f"tinylora: rank-{c.r} SVD of {len(targets)} modules in {time.monotonic() - start:.1f} s: {svd_summary(reports)}"
+              + (f"; cached in {path}" if path else ""), file=sys.stderr)
+    if tied := [name for name, rep in reports.items() if not (rep["sine_bound"] <= c.svd_tol and rep["gap"] >= TIE_GAP)]:
+        print(f"tinylora: warning: {len(tied)} module(s) have (nearly) tied top singular values, so their rank-{c.r} basis "
+              f"is set by rounding, not by the weights, or is not certified to sine {c.svd_tol:g}; their factors are what "
+              "this machine computes (the same on every run here; another BLAS may pick another basis): "
+              + ", ".join(f"{n} (gap {reports[n]['gap']:.1e}, sine bound {reports[n]['sine_bound']:.1e})" for n in tied),
+              file=sys.stderr)
+    if path:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            atomic_save({f"{t.name}.{f}": getattr(t, f).cpu() for t in targets for f in ("U", "S", "Vh")}, path,
+                         {"reports": json.dumps(reports)})
+        except OSError as e:
+            print(f"tinylora: could not write the SVD cache {path} ({e}); the next run recomputes it", file=sys.stderr)
+    return reports
+
+
+def _cache_problem(cached, reports, targets, r):
+    """What is wrong with cached factors, or None: each module's U, S, Vh and report present, a valid SVD."""
+    for t in targets:
+        U, S, Vh = (cached.get(f"{t.name}.{f}") for f in ("U", "S", "Vh"))
+        report = reports.get(t.name) if isinstance(reports, dict) else None
+        if U is None or S is None or Vh is None or not isinstance(report, dict):
+            return f"{t.name} is missing"
+        if not {"method", "passes", "sine_bound", "gap"} <= report.keys():
+            return f"{t.name}'s report is incomplete"
+        if (U.shape, S.shape, Vh.shape) != ((t.linear.weight.shape[0], r), (r,), (r, t.linear.weight.shape[1])):
+            return f"{t.name} has the wrong shapes"
+        eye = torch.eye(r, device=U.device)
+        if not (all(torch.isfinite(x).all() for x in (U, S, Vh)) and (S >= 0).all() and (S[:-1] >= S[1:]).all()
+                and torch.allclose(U.T @ U, eye, atol=1e-4) and torch.allclose(Vh @ Vh.T, eye, atol=1e-4)):
+            return f"{t.name}'s factors are not a valid SVD (non-finite, unsorted or not orthonormal)"
+    return None
+
+
+def read_safetensors(path, device="cpu"):
+    """(metadata dict, {name: tensor}) of a safetensors file; OSError / SafetensorError propagate."""
+    with safe_open(path, "pt", device=str(device)) as f:
+        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def atomic_save(tensors, path, metadata=None):
+    tmp = f"{path}.tmp{os.getpid()}"  # renamed when complete: no reader sees half a file
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)

@@ -8,17 +8,15 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
 from model import Transformer
-from svd import svd_summary, truncated_svd
+from svd import atomic_save, read_safetensors, svd_factors, svd_summary
 
 # --------------------------------------------------------------------------------------------
 # The method: every target weight W [out, in] becomes W + dW. U [out, r], S [r], V [in, r]: the
@@ -324,7 +322,13 @@ def attach(model, config=None, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
     model.requires_grad_(False)
     base = fingerprint(model)
     c, device = config, targets[0].linear.weight.device
-    svd_reports = svd_factors(targets, c, base, cache_dir, quiet) if c.method in ("tinylora", "lora-xs") else {}
+    svd_reports = {}
+    if c.method in ("tinylora", "lora-xs"):
+        for t in targets:
+            if not torch.isfinite(t.linear.weight).all():
+                raise AdapterError(f"{t.name}.weight holds NaN or inf values: the checkpoint is damaged; re-download or "
+                                   "re-convert it")
+        svd_reports = svd_factors(targets, c, base, cache_dir, quiet)
     if c.method == "full":
         tensors = {f"{t.name}.weight": t.linear.weight.requires_grad_(True) for t in targets}
     else:  # v, R, LoRA's B: zero
@@ -342,81 +346,6 @@ def attach(model, config=None, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
         print(f"tinylora: {c.method}{shape} on {len(targets)} modules -> {adapter.num_trainable:,} trainable parameters",
               file=sys.stderr)
     return adapter, adapter.num_trainable
-
-
-# --------------------------------------------------------------------------------------------
-# The frozen factors: a certified rank-r truncated SVD of every target, cached on disk
-
-TIE_GAP = 1e-6  # (s_i - s_{i+1}) / s_1 below this, i <= r: "tied", warned about (svd_factors)
-SVD_VERSION = "3"  # the truncated SVD algorithm, in the cache key (3: exact in fp64; 2: iterate to a sine bound; 1: 4 fixed passes)
-
-
-def svd_factors(targets, config, model_fingerprint, cache_dir=DEFAULT_CACHE_DIR, quiet=False):
-    """Fill U, S, Vh of every target -> {module name: truncated_svd's report}. Cached (cache_dir None: not)
-    under a key of all the factors depend on, SVD settings and SVD_VERSION included. Warns once, naming
-    the modules, when nearly tied singular values leave factors short of the tolerance."""
-    device, c = targets[0].linear.weight.device, config
-    key = hashlib.sha256(json.dumps([model_fingerprint, str(targets[0].linear.weight.dtype), c.targets, c.r, c.svd,
-                                     c.svd_oversample, c.svd_tol, c.svd_max_iter, SVD_VERSION]).encode()).hexdigest()[:32]
-    path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else None
-    if path and os.path.isfile(path):
-        try:
-            meta, cached = read_safetensors(path, device)
-            reports = json.loads(meta.get("reports", "{}"))
-            problem = _cache_problem(cached, reports, targets, c.r)
-        except (OSError, SafetensorError, ValueError) as e:
-            problem = f"unreadable: {e}"
-        if problem is None:
-            for t in targets:
-                t.U, t.S, t.Vh = (cached[f"{t.name}.{f}"] for f in ("U", "S", "Vh"))
-            return {t.name: reports[t.name] for t in targets}
-        print(f"tinylora: ignoring the SVD cache {path} ({problem}); recomputing it", file=sys.stderr)
-    reports, start = {}, time.monotonic()
-    last = start
-    for n, t in enumerate(targets, 1):
-        if not torch.isfinite(t.linear.weight).all():
-            raise AdapterError(f"{t.name}.weight holds NaN or inf values: the checkpoint is damaged; re-download or "
-                               "re-convert it")
-        t.U, t.S, t.Vh, reports[t.name] = truncated_svd(t.linear.weight.detach().float(), c.r, c.svd == "exact",
-                                                       c.svd_oversample, c.svd_tol, c.svd_max_iter, seed=t.index)
-        if not quiet and time.monotonic() - last > 2:
-            print(f"tinylora: SVD {n}/{len(targets)} modules ({t.name}), {time.monotonic() - start:.0f} s", file=sys.stderr)
-            last = time.monotonic()
-    if not quiet:
-        print(f"tinylora: rank-{c.r} SVD of {len(targets)} modules in {time.monotonic() - start:.1f} s: {svd_summary(reports)}"
-              + (f"; cached in {path}" if path else ""), file=sys.stderr)
-    if tied := [name for name, rep in reports.items() if not (rep["sine_bound"] <= c.svd_tol and rep["gap"] >= TIE_GAP)]:
-        print(f"tinylora: warning: {len(tied)} module(s) have (nearly) tied top singular values, so their rank-{c.r} basis "
-              f"is set by rounding, not by the weights, or is not certified to sine {c.svd_tol:g}; their factors are what "
-              "this machine computes (the same on every run here; another BLAS may pick another basis): "
-              + ", ".join(f"{n} (gap {reports[n]['gap']:.1e}, sine bound {reports[n]['sine_bound']:.1e})" for n in tied),
-              file=sys.stderr)
-    if path:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            _atomic_save({f"{t.name}.{f}": getattr(t, f).cpu() for t in targets for f in ("U", "S", "Vh")}, path,
-                         {"reports": json.dumps(reports)})
-        except OSError as e:
-            print(f"tinylora: could not write the SVD cache {path} ({e}); the next run recomputes it", file=sys.stderr)
-    return reports
-
-
-def _cache_problem(cached, reports, targets, r):
-    """What is wrong with cached factors, or None: each module's U, S, Vh and report present, a valid SVD."""
-    for t in targets:
-        U, S, Vh = (cached.get(f"{t.name}.{f}") for f in ("U", "S", "Vh"))
-        report = reports.get(t.name) if isinstance(reports, dict) else None
-        if U is None or S is None or Vh is None or not isinstance(report, dict):
-            return f"{t.name} is missing"
-        if not {"method", "passes", "sine_bound", "gap"} <= report.keys():
-            return f"{t.name}'s report is incomplete"
-        if (U.shape, S.shape, Vh.shape) != ((t.linear.weight.shape[0], r), (r,), (r, t.linear.weight.shape[1])):
-            return f"{t.name} has the wrong shapes"
-        eye = torch.eye(r, device=U.device)
-        if not (all(torch.isfinite(x).all() for x in (U, S, Vh)) and (S >= 0).all() and (S[:-1] >= S[1:]).all()
-                and torch.allclose(U.T @ U, eye, atol=1e-4) and torch.allclose(Vh @ Vh.T, eye, atol=1e-4)):
-            return f"{t.name}'s factors are not a valid SVD (non-finite, unsorted or not orthonormal)"
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,7 +406,7 @@ def save_adapter(adapter, path, dtype=torch.float32):
     if adapter.svd_reports:  # how exact the frozen factors were (per module: the SVD cache's metadata)
         metadata["svd"] = svd_summary(adapter.svd_reports)
         metadata["sign_anchors"] = json.dumps(sign_anchors(adapter))
-    _atomic_save({k: p.detach().to(dtype).contiguous().cpu() for k, p in adapter.tensors.items()}, path, metadata)
+    atomic_save({k: p.detach().to(dtype).contiguous().cpu() for k, p in adapter.tensors.items()}, path, metadata)
     return adapter_size(path)
 
 
@@ -563,18 +492,6 @@ def apply_sign_anchors(adapter, anchors, source):
             t.U[:, k], t.Vh[k] = -t.U[:, k], -t.Vh[k]
 
 
-def read_safetensors(path, device="cpu"):
-    """(metadata dict, {name: tensor}) of a safetensors file; OSError / SafetensorError propagate."""
-    with safe_open(path, "pt", device=str(device)) as f:
-        return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-
-
-def _atomic_save(tensors, path, metadata=None):
-    tmp = f"{path}.tmp{os.getpid()}"  # renamed when complete: no reader sees half a file
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
 def export_peft(adapter, out_dir, dtype=torch.float32, base_model_name_or_path=None):
     """Write the adapter as the exact rank-r LoRA in PEFT's layout: lora_B.weight [out, r] = B C and
     lora_A.weight [r, in] = A of `Adapter.factors`; lora_alpha = r, so PEFT's scaling alpha / r is 1."""
@@ -591,7 +508,7 @@ def export_peft(adapter, out_dir, dtype=torch.float32, base_model_name_or_path=N
                    "target_modules": list(c.targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
                    "use_rslora": False, "inference_mode": True, "base_model_name_or_path": base_model_name_or_path}
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_save(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    atomic_save(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
     tmp = os.path.join(out_dir, f"adapter_config.json.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(peft_config, f, indent=2)

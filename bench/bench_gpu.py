@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (puts the repository root on sys.path)
 import grpo  # noqa: E402
 import model as M  # noqa: E402
+import svd  # noqa: E402
 import tinylora  # noqa: E402
 from bench_rollout import G, prompts_for  # noqa: E402
 from bench_train import COMPLETION, PROMPT, batch as train_batch, loss_of, selective_log_softmax  # noqa: E402
@@ -648,7 +649,7 @@ def section_train(run):
 
 
 def exact_svd_seconds(weights, device):
-    return [timed(lambda W=W: tinylora.truncated_svd(W.float(), 2, exact=True), device)[0] for W in weights]
+    return [timed(lambda W=W: svd.truncated_svd(W.float(), 2, exact=True), device)[0] for W in weights]
 
 
 def section_svd(run, share_of_exact=0.4):
@@ -657,7 +658,7 @@ def section_svd(run, share_of_exact=0.4):
     S, device = run.sizes, run.device
     W = torch.randn(256, 128, device=device)
     for exact in (False, True):  # warm-up: the solver libraries load on first use
-        tinylora.truncated_svd(W, 2, exact=exact)
+        svd.truncated_svd(W, 2, exact=exact)
     small = spectral_model(S.small, S.small["layers"], device, run.dtype)
     seconds, (adapter, _) = timed(lambda: tinylora.attach(small, tinylora.TinyLoRAConfig(), cache_dir=None, quiet=True), device)
     targets = adapter.targets

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import param_counts
+import svd
 import tinylora
 from model import ModelConfig, Transformer, load_model
 from tinylora import TARGETS, AdapterError, TinyLoRAConfig, attach, load_adapter, save_adapter
@@ -328,7 +329,7 @@ def test_default_svd_is_the_exact_top_r_subspace(spectrum, shape, r):
     number of power iterations is not enough; the certified bound really bounds the error."""
     g = torch.Generator().manual_seed(r)
     W = (matrix(*shape, SPECTRA[spectrum], seed=r) if SPECTRA[spectrum] else torch.randn(*shape, generator=g, dtype=torch.float64))
-    U, S, Vh, report = tinylora.truncated_svd(W.float(), r)
+    U, S, Vh, report = svd.truncated_svd(W.float(), r)
     columns, dW = svd_errors(W, U, S, Vh)
     assert columns <= 1e-4 and dW <= 3e-4, (columns, dW, report)
     assert columns <= 2 * report["sine_bound"] + 1e-6 and report["sine_bound"] <= 1e-4, report  # fp32 rounding aside
@@ -351,7 +352,7 @@ def test_the_svd_is_near_the_optimal_rank_r_error(exact):
     W = matrix(256, 96, lambda k: (k + 1) ** -1.0, seed=0)
     for r in (1, 2, 4):
         optimal = torch.linalg.svdvals(W)[r:].square().sum().sqrt()
-        U, S, Vh, _ = tinylora.truncated_svd(W.float(), r, exact=exact)
+        U, S, Vh, _ = svd.truncated_svd(W.float(), r, exact=exact)
         assert (torch.linalg.norm(W - (U.double() * S.double()) @ Vh.double()) - optimal) / optimal < 1e-6
 
 
@@ -399,7 +400,7 @@ def test_nearly_tied_singular_values_warn_once_and_give_the_same_factors_every_t
     assert "model.layers.0.self_attn.k_proj" in warnings[0] and "model.layers.1.mlp.up_proj" in warnings[0]
     assert "layers.0.mlp" not in warnings[0]
     tied = {"model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"}
-    assert all((rep["gap"] < tinylora.TIE_GAP) == (name in tied) for name, rep in first.svd_reports.items())
+    assert all((rep["gap"] < svd.TIE_GAP) == (name in tied) for name, rep in first.svd_reports.items())
     assert all(rep["sine_bound"] <= 1e-4 for name, rep in first.svd_reports.items() if name not in tied)
     second, _ = attach(tied_model(), cache_dir=None, quiet=True)
     for a, b in zip(first.targets, second.targets):
@@ -413,7 +414,7 @@ def test_svd_cache_is_read_on_the_second_attach(tiny_ckpt, tmp_path, monkeypatch
     def no_svd(*args, **kwargs):
         raise AssertionError("the SVD ran although the cache has the factors")
 
-    monkeypatch.setattr(tinylora, "truncated_svd", no_svd)
+    monkeypatch.setattr(svd, "truncated_svd", no_svd)
     second, _ = attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=str(tmp_path), quiet=True)
     for a, b in zip(first.targets, second.targets):
         assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.Vh, b.Vh)
@@ -456,8 +457,8 @@ def test_a_weight_with_nan_is_refused_naming_the_module():
 
 def test_svd_cache_of_another_algorithm_version_is_not_reused(tiny_ckpt, tmp_path, monkeypatch):
     attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=str(tmp_path), quiet=True)
-    monkeypatch.setattr(tinylora, "SVD_VERSION", "1")  # factors made by the fixed 4-pass SVD had this version
-    monkeypatch.setattr(tinylora, "truncated_svd", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    monkeypatch.setattr(svd, "SVD_VERSION", "1")  # factors made by the fixed 4-pass SVD had this version
+    monkeypatch.setattr(svd, "truncated_svd", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     with pytest.raises(AssertionError, match="recomputed"):
         attach(load_model(tiny_ckpt[0], device="cpu"), cache_dir=str(tmp_path), quiet=True)
 
@@ -586,16 +587,16 @@ def test_sign_anchors_keep_the_meaning_of_v_when_another_machine_flips_a_column(
     assert ["model.layers.0.self_attn.k_proj", 0, anchors[0][2]] in anchors and anchors[0][2] in (0, 1)
     assert len(anchors) < 5  # only the columns that need it
 
-    svd = tinylora.truncated_svd
+    exact_svd = svd.truncated_svd
 
     def other_machine(W, r, *args, seed=0, **kwargs):  # k_proj of layer 0 has index 1
-        U, S, Vh, report = svd(W, r, *args, seed=seed, **kwargs)
+        U, S, Vh, report = exact_svd(W, r, *args, seed=seed, **kwargs)
         if seed == 1:
             U, Vh = U.clone(), Vh.clone()
             U[:, 0], Vh[0] = -U[:, 0], -Vh[0]
         return U, S, Vh, report
 
-    monkeypatch.setattr(tinylora, "truncated_svd", other_machine)
+    monkeypatch.setattr(svd, "truncated_svd", other_machine)
     loaded = model_with_a_sign_tie()
     load_adapter(loaded, path, cache_dir=None, quiet=True)
     torch.testing.assert_close(loaded(ids()), adapted, rtol=0, atol=1e-6)
