@@ -20,6 +20,7 @@ import sys
 import time
 from datetime import datetime
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
@@ -116,6 +117,13 @@ def first_on_each_machine(fn):
     if local_rank() == 0:
         dist.barrier()
     return result
+
+
+def sampling_seeds(seed, stream, first, count):
+    """One sampling seed per prompt, a function of (run seed, stream, position) alone: stream 0 is
+    the evaluation (position = problem index), stream k the k-th training step (position = index in
+    the step's batch). So a completion does not depend on batching or on which process draws it."""
+    return [int(np.random.SeedSequence([seed, stream, i]).generate_state(1)[0]) for i in range(first, first + count)]
 
 
 # --------------------------------------------------------------------------------------------

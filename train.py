@@ -33,7 +33,6 @@ written; a failed write is exit code 1; Ctrl-C ends with one line saying whether
 resumed (130): during a step the run first finishes it and saves a checkpoint.
 """
 
-import contextlib
 import glob
 import json
 import os
@@ -50,8 +49,7 @@ def interrupted_while_starting(*_):
 if __name__ == "__main__":  # a Ctrl-C while torch is imported (seconds): one line, not a traceback
     signal.signal(signal.SIGINT, interrupted_while_starting)
 
-import numpy as np  # noqa: E402 (after the handler above)
-import torch
+import torch  # noqa: E402 (after the handler above)
 import torch.distributed as dist
 from safetensors import SafetensorError
 
@@ -59,13 +57,14 @@ import data
 import grpo
 import model as M
 import tinylora
-from tokenizer import load_tokenizer
-from runs import (Progress, RunFolder, StopRequest, UsageError, append_jsonl, clock, first_on_each_machine, gather_lists, interrupted_line,
-                  join_processes, my_share, os_error_line, out_of_memory_line, plot_curves, rank, read_before,
-                  read_checkpoint, read_log, restore_checkpoint, save_checkpoint, sum_over_processes, world_size,
-                  write_json, write_jsonl)
+from evaluation import accuracy_line, check_outputs, evaluate_all, evaluate_base_model, formats_line
+from runs import (Progress, RunFolder, StopRequest, UsageError, append_jsonl, clock, first_on_each_machine,
+                  interrupted_line, join_processes, my_share, os_error_line, out_of_memory_line, plot_curves, rank,
+                  read_before, read_checkpoint, read_log, restore_checkpoint, sampling_seeds, save_checkpoint,
+                  sum_over_processes, world_size, write_json, write_jsonl)
 from settings import (DECODINGS, DEFAULTS, MAX_SCALE, SESSION_ONLY, check_inputs, named, parse_args, run_settings,
                       total_steps)
+from tokenizer import load_tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +77,7 @@ def data_order(n, epoch, seed):
     """Problem indices for one epoch: a fixed shuffle per (seed, epoch)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
+
 def step_problems(problems, step, per_step, seed):
     """The problems of a global step: consecutive slices of per-epoch shuffles."""
     steps_per_epoch = max(len(problems) // per_step, 1)
@@ -85,16 +85,12 @@ def step_problems(problems, step, per_step, seed):
     order = data_order(len(problems), epoch, seed)
     return [problems[i] for i in order[index * per_step:(index + 1) * per_step]]
 
-def sampling_seeds(seed, stream, first, count):
-    """One sampling seed per prompt, a function of (run seed, stream, position) alone: stream 0 is
-    the evaluation (position = problem index), stream k the k-th training step (position = index in
-    the step's batch). So a completion does not depend on batching or on which process draws it."""
-    return [int(np.random.SeedSequence([seed, stream, i]).generate_state(1)[0]) for i in range(first, first + count)]
 
 def lr_at(step, total, s):
     """Linear warm-up over the first warmup * total steps, then constant."""
     warm = int(s.warmup * total)
     return s.lr * min(1.0, (step + 1) / warm) if warm else s.lr
+
 
 def grpo_step(net, tok, adapter, optimizer, batch, s, step):
     """Rollout, rewards and update on this process's share of the step's batch -> (the step's
@@ -127,6 +123,7 @@ def grpo_step(net, tok, adapter, optimizer, batch, s, step):
                for i in range(min(SAMPLES_PER_STEP, len(out.texts)))]
     return metrics, samples
 
+
 def sft_step(net, tok, adapter, optimizer, batch, s):
     """Next-token loss on the demonstrations (prompt tokens excluded), token-mean, one optimizer step.
     Under torchrun each process takes its share of the batch; the token count, the gradient and the
@@ -155,6 +152,7 @@ def sft_step(net, tok, adapter, optimizer, batch, s):
     optimizer.step()
     return {"loss": loss_sum, "tokens": int(total), "grad_norm": grad_norm}, []
 
+
 # --------------------------------------------------------------------------------------------
 # The training run: steps, checkpoints, logs, then the evaluation of the trained adapter
 
@@ -179,7 +177,7 @@ def train(s, folder, state, net, tok, train_set, test_set):
         save_checkpoint(os.path.join(s.out, "checkpoint.safetensors"), adapter, optimizer, total, s.run_id)
         tinylora.save_adapter(adapter, adapter_path, tinylora.DTYPES[s.adapter_dtype])
     print(f"evaluating the trained adapter on {len(test_set)} held-out problems ...", flush=True)
-    after = evaluation(net, tok, test_set, s, adapter, "after")
+    after = evaluate_all(net, tok, test_set, s, adapter, "after")
     if rank() == 0:
         report(s, adapter, adapter_path, total, before, after, metrics)
     return 0
@@ -244,8 +242,10 @@ def read_run_state(s, n_train):
     logs = {name: read_log(os.path.join(s.out, name), start) for name in log_names(s)}
     return start, checkpoint, logs, read_before(os.path.join(s.out, "before.json"), DECODINGS[s.eval_decoding])
 
+
 def log_names(s):
     return ["metrics.jsonl"] + (["samples.jsonl"] if s.algo == "grpo" else [])  # SFT samples nothing
+
 
 def begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, total):
     """-> (first step, the base model's accuracy, the metrics so far). Restores the checkpoint of
@@ -273,6 +273,7 @@ def begin_session(s, folder, state, net, tok, test_set, adapter, optimizer, tota
         before = evaluate_base_model(s, net, tok, test_set, None if start else adapter)
     return start, before, kept.get("metrics.jsonl", [])
 
+
 def progress_line(step, total, m, elapsed, tokens_per_s, steps_this_session):
     eta = elapsed / steps_this_session * (total - step)  # a resumed run times only its own steps
     parts = [f"step {step}/{total}"]
@@ -281,6 +282,7 @@ def progress_line(step, total, m, elapsed, tokens_per_s, steps_this_session):
                   f"len {m['length']:.1f}", f"clip {m['clip_frac']:.3f}"]
     parts += [f"loss {m['loss']:.4f}", f"{tokens_per_s:,.0f} tok/s", f"ETA {clock(eta)}"]
     return " | ".join(parts)
+
 
 def no_signal_warning(s, step, m, sample):
     """What to tell the user of a GRPO run without a learning signal: NO_SIGNAL_STEPS steps in a
@@ -302,11 +304,13 @@ def no_signal_warning(s, step, m, sample):
             f"  the answer each --reward reads in it: {answers}.\n"
             f"  {advice}")
 
+
 def train_seconds(metrics):
     """Training time over every session of a run: each session's clock starts at 0 (m["time"]), so
     add the last time of each session (the entry before the clock goes back, and the last one)."""
     ends = [m for m, later in zip(metrics, metrics[1:] + [None]) if later is None or later["time"] < m["time"]]
     return sum(m["time"] for m in ends)
+
 
 def report(s, adapter, adapter_path, total, before, after, metrics):
     """Print the before/after accuracies; write summary.json and curves.png."""
@@ -329,56 +333,10 @@ def report(s, adapter, adapter_path, total, before, after, metrics):
     logs = "metrics.jsonl, samples.jsonl" if s.algo == "grpo" else "metrics.jsonl"
     print(f"run folder: {s.out} ({logs}, eval_*.jsonl, summary.json{', curves.png' if plot else ''})")
 
+
 # --------------------------------------------------------------------------------------------
-# Evaluation: one completion per held-out problem, greedy and/or sampled
+# --eval-only
 
-FORMAT_WARNING = 0.05  # warn when fewer of the base model's completions have the reward's answer format
-
-
-def evaluate(net, tok, problems, s, adapter, decoding, label):
-    """One completion per problem with the adapter folded in, greedy or sampled at
-    --eval-temperature -> (accuracy dict, records); `label` names the phase in progress lines.
-    Under torchrun each process answers a consecutive share of the problems and the records are
-    gathered: every process returns all of them, in problem order."""
-    temperature, seed = (0.0, 0) if decoding == "greedy" else (s.eval_temperature, s.seed)
-    first, end = len(problems) * rank() // world_size(), len(problems) * (rank() + 1) // world_size()
-    mine = problems[first:end]
-    prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in mine]
-    seeds = sampling_seeds(seed, 0, first, len(mine))
-    records = []
-    with Progress(net, label, len(mine)) as progress:
-        for i in range(0, len(prompts), s.eval_batch):
-            out = grpo.rollout(net, tok, prompts[i:i + s.eval_batch], 1, s.max_new_tokens, temperature, 1.0,
-                               adapter=adapter, seeds=seeds[i:i + s.eval_batch])
-            records += [data.completion_record(first + i + j, problem, text, decoding, temperature)
-                        for j, (problem, text) in enumerate(zip(mine[i:i + s.eval_batch], out.texts))]
-            progress.advance(len(out.texts))
-    records = gather_lists(records)
-    return data.accuracy(records), records
-
-def evaluation(net, tok, problems, s, adapter, name):
-    """Evaluate with each decoding of --eval-decoding -> {decoding: accuracy dict}; rank 0 writes
-    every completion to eval_<name>_<decoding>.jsonl in the run folder."""
-    results = {}
-    for decoding in DECODINGS[s.eval_decoding]:
-        results[decoding], records = evaluate(net, tok, problems, s, adapter, decoding, label=f"eval_{name}_{decoding}")
-        if rank() == 0:
-            write_jsonl(os.path.join(s.out, f"eval_{name}_{decoding}.jsonl"), records)
-    return results
-
-def evaluate_base_model(s, net, tok, test_set, adapter):
-    """The accuracy before training (written to before.json) and the answer formats the base model
-    writes, with a warning when they are not what the reward reads."""
-    print(f"evaluating the base model on {len(test_set)} held-out problems ...", flush=True)
-    before = evaluation(net, tok, test_set, s, adapter, "before")
-    if rank() == 0:
-        write_json(os.path.join(s.out, "before.json"), before)
-    print(accuracy_line("before", before, s), flush=True)
-    print(formats_line(before), flush=True)
-    warning = format_warning(before, s)
-    if warning and rank() == 0:
-        print(warning, file=sys.stderr, flush=True)
-    return before
 
 def eval_only(s, folder, net, tok, test_set):
     """Accuracy and answer formats of the model (+ --adapter); the completions and summary.json go
@@ -390,7 +348,7 @@ def eval_only(s, folder, net, tok, test_set):
         raise UsageError(f"{s.adapter}: metadata scale {adapter.config.scale} is beyond +-{MAX_SCALE:g}; the file is damaged")
     check_outputs(net, tok, adapter, s.adapter or s.model)
     folder.start()
-    acc = evaluation(net, tok, test_set, s, adapter, name)
+    acc = evaluate_all(net, tok, test_set, s, adapter, name)
     result = {"model": s.model, "adapter": s.adapter, "eval_data": s.eval_data, "problems": len(test_set), **acc}
     if rank() == 0:
         write_json(os.path.join(s.out, "summary.json"), {"command": s.command, **result})
@@ -400,47 +358,6 @@ def eval_only(s, folder, net, tok, test_set):
     print(json.dumps(result))
     return 0
 
-def check_outputs(net, tok, adapter, source):
-    """One forward pass of a short prompt as evaluation and rollouts run it (the adapter folded in):
-    finite numbers in `source` can still compute NaN or inf (an adapter value or --scale so large
-    that the update overflows, a weight near the float limit). Refused now, not reported as an
-    accuracy of 0 after the evaluation."""
-    ids = torch.tensor([tok.encode_chat("What is 1 + 1?")], device=next(net.parameters()).device)
-    with torch.no_grad(), adapter.merged() if adapter else contextlib.nullcontext():
-        logits = net(ids)
-    if not torch.isfinite(logits).all():
-        raise UsageError(f"{source}: the model computes non-finite outputs (NaN or inf) with it: a value in it is too "
-                         "large; check the file (or --scale)")
-
-def accuracy_line(name, acc, s):
-    """Strict and flexible accuracy per decoding; with --reward paper also the paper rule's, the
-    accuracy the paper reports (a before.json from an older run may lack it)."""
-    label = {"greedy": "greedy", "sampled": f"sampled (T={s.eval_temperature:g})"}
-    paper = s.reward == "paper" and all("paper" in a for a in acc.values())
-    return f"{name:<7} " + " | ".join(f"{label[decoding]} strict {a['strict']:.3f} flexible {a['flexible']:.3f}"
-                                      + (f" paper {a['paper']:.3f}" if paper else "") for decoding, a in acc.items())
-
-def formats_line(acc):
-    """How the completions write their answer, per decoding (a completion may have both formats)."""
-    parts = [f"{decoding}: '#### N' {a['formats']['####']:.3f}, \\boxed{{}} {a['formats']['boxed']:.3f}, "
-             f"neither {a['formats']['neither']:.3f}" for decoding, a in acc.items()]
-    return "formats " + " | ".join(parts)
-
-def format_warning(acc, s):
-    """A warning when the base model rarely writes the answer format that the GRPO reward reads,
-    else None (`flexible` reads any number: never)."""
-    needs = {"strict": "####", "paper": "####", "boxed": "boxed"}.get(s.reward)
-    if needs is None or s.algo != "grpo":
-        return None
-    share = max(a["formats"][needs] for a in acc.values())
-    if share >= FORMAT_WARNING:
-        return None
-    written = {"####": "'#### N'", "boxed": "\\boxed{}"}[needs]
-    return (f"warning: the base model wrote {written}, the answer format that --reward {s.reward} reads, in {share:.1%} "
-            "of its completions: nearly every reward will be 0, and GRPO learns nothing from a group whose rewards are "
-            f"equal. Read its completions in {os.path.join(s.out, 'eval_before_*.jsonl')}; then use a reward that reads "
-            "them (--reward boxed for \\boxed{}, --reward flexible for the last number) or an --instruction the model "
-            "follows (docs/reproducing.md, 'Answer formats')")
 
 # --------------------------------------------------------------------------------------------
 # Setup and the command
@@ -458,6 +375,7 @@ def build(s):
     tok = load_tokenizer(s.model)  # seconds: a missing tokenizer.json is reported before the minutes of loading
     return M.load_model(s.model, s.dtype, s.device), tok
 
+
 def make_adapter(net, s):
     """Attach the adapter the flags describe; --n-tie all = one group for every target module."""
     n_tie = len(tinylora.find_targets(net)) if str(s.n_tie) == "all" else int(s.n_tie)
@@ -471,9 +389,11 @@ def make_adapter(net, s):
     adapter, _ = first_on_each_machine(lambda: tinylora.attach(net, cfg, cache_dir=svd_cache(s), quiet=quiet_svd(net)))
     return adapter
 
+
 def svd_cache(s):
     """--svd-cache as tinylora takes it: a folder, or None for no cache."""
     return None if s.svd_cache == "none" else s.svd_cache
+
 
 def quiet_svd(net):
     """Whether tinylora keeps its SVD messages (progress every 2 s, summary, tied-values warning)
@@ -481,10 +401,12 @@ def quiet_svd(net):
     whose SVD takes well under a second."""
     return rank() > 0 or sum(p.numel() for p in net.parameters()) < 10_000_000
 
+
 def session_command(argv):
     """This invocation as a command line, for args.json and summary.json."""
     launcher = "python" if world_size() == 1 else f"torchrun --nproc_per_node={world_size()}"
     return f"{launcher} train.py " + " ".join(argv)
+
 
 def main(argv=None):
     """The command line -> exit code: 0 done, 2 bad input (one line, nothing written), 1 a failed

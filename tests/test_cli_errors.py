@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+import evaluation
 import model as M
 import runs
 import settings
@@ -368,21 +369,21 @@ def test_ctrl_c_while_the_model_loads_leaves_nothing(setup, tmp_path, capsys, mo
 
 
 def test_ctrl_c_in_the_final_evaluation_leaves_a_resumable_run(run, capsys, monkeypatch):
-    real = train.evaluation
+    real = train.evaluate_all
 
     def interrupted(net, tok, problems, s, adapter, name):
         if name == "after":
             raise KeyboardInterrupt
         return real(net, tok, problems, s, adapter, name)
-    monkeypatch.setattr(train, "evaluation", interrupted)
+    monkeypatch.setattr(train, "evaluate_all", interrupted)
     (run / "summary.json").unlink()
     refused(capsys, ["--resume", "--out", str(run)], f"--resume --out {run}", code=130)
-    monkeypatch.setattr(train, "evaluation", real)
+    monkeypatch.setattr(train, "evaluate_all", real)
     assert train.main(["--resume", "--out", str(run)]) == 0 and (run / "summary.json").exists()
 
 
 def test_ctrl_c_in_an_evaluation_says_the_folder_is_to_remove(setup, tmp_path, capsys, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     out = tmp_path / "eval"
     args = ["--eval-only", "--model", setup["model"], "--eval-data", setup["eval"], "--device", "cpu", "--out", str(out)]
     refused(capsys, args, f"unfinished evaluation; remove it, or start again with --overwrite --out {out}", code=130)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
+import evaluation
 import grpo
 import tinylora
 import runs
@@ -379,11 +380,11 @@ def test_completion_records_count_the_answer_formats_and_the_format_warning_read
     acc = data.accuracy(records)
     assert acc == {"strict": 0.25, "flexible": 0.75, "paper": 0.25, "formats": {"####": 0.5, "boxed": 0.5, "neither": 0.25}}
     s = train.parse_args(["--model", "m", "--out", "run"])
-    assert train.format_warning({"greedy": acc}, s) is None  # half the completions have '#### N'
+    assert evaluation.format_warning({"greedy": acc}, s) is None  # half the completions have '#### N'
     rare = {"greedy": {**acc, "formats": {"####": 0.04, "boxed": 0.9, "neither": 0.06}}}
-    assert train.format_warning(rare, s).startswith("warning: the base model wrote '#### N', the answer format that "
+    assert evaluation.format_warning(rare, s).startswith("warning: the base model wrote '#### N', the answer format that "
                                                     "--reward strict reads, in 4.0% of its completions")
-    assert train.format_warning(rare, train.parse_args(["--model", "m", "--reward", "boxed"])) is None
+    assert evaluation.format_warning(rare, train.parse_args(["--model", "m", "--reward", "boxed"])) is None
 
 
 def test_eval_decoding_chooses_greedy_or_sampled(setup, tmp_path, capsys):
