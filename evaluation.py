@@ -20,49 +20,49 @@ from settings import DECODINGS
 FORMAT_WARNING = 0.05  # warn when fewer of the base model's completions have the reward's answer format
 
 
-def evaluate(net, tok, problems, s, adapter, decoding, label):
+def evaluate(net, tok, problems, args, adapter, decoding, label):
     """One completion per problem with the adapter folded in, greedy or sampled at
     --eval-temperature -> (accuracy dict, records); `label` names the phase in progress lines.
     Under torchrun each process answers a consecutive share of the problems and the records are
     gathered: every process returns all of them, in problem order."""
-    temperature, seed = (0.0, 0) if decoding == "greedy" else (s.eval_temperature, s.seed)
+    temperature, seed = (0.0, 0) if decoding == "greedy" else (args.eval_temperature, args.seed)
     first, end = len(problems) * rank() // world_size(), len(problems) * (rank() + 1) // world_size()
     mine = problems[first:end]
-    prompts = [data.make_prompt(tok, p.question, s.instruction, s.system) for p in mine]
+    prompts = [data.make_prompt(tok, p.question, args.instruction, args.system) for p in mine]
     seeds = sampling_seeds(seed, 0, first, len(mine))
     records = []
     with Progress(net, label, len(mine)) as progress:
-        for i in range(0, len(prompts), s.eval_batch):
-            out = grpo.rollout(net, tok, prompts[i:i + s.eval_batch], 1, s.max_new_tokens, temperature, 1.0,
-                               adapter=adapter, seeds=seeds[i:i + s.eval_batch])
+        for i in range(0, len(prompts), args.eval_batch):
+            out = grpo.rollout(net, tok, prompts[i:i + args.eval_batch], 1, args.max_new_tokens, temperature, 1.0,
+                               adapter=adapter, seeds=seeds[i:i + args.eval_batch])
             records += [data.completion_record(first + i + j, problem, text, decoding, temperature)
-                        for j, (problem, text) in enumerate(zip(mine[i:i + s.eval_batch], out.texts))]
+                        for j, (problem, text) in enumerate(zip(mine[i:i + args.eval_batch], out.texts))]
             progress.advance(len(out.texts))
     records = gather_lists(records)
     return data.accuracy(records), records
 
 
-def evaluate_all(net, tok, problems, s, adapter, name):
+def evaluate_all(net, tok, problems, args, adapter, name):
     """Evaluate with each decoding of --eval-decoding -> {decoding: accuracy dict}; rank 0 writes
     every completion to eval_<name>_<decoding>.jsonl in the run folder."""
     results = {}
-    for decoding in DECODINGS[s.eval_decoding]:
-        results[decoding], records = evaluate(net, tok, problems, s, adapter, decoding, label=f"eval_{name}_{decoding}")
+    for decoding in DECODINGS[args.eval_decoding]:
+        results[decoding], records = evaluate(net, tok, problems, args, adapter, decoding, label=f"eval_{name}_{decoding}")
         if rank() == 0:
-            write_jsonl(os.path.join(s.out, f"eval_{name}_{decoding}.jsonl"), records)
+            write_jsonl(os.path.join(args.out, f"eval_{name}_{decoding}.jsonl"), records)
     return results
 
 
-def evaluate_base_model(s, net, tok, test_set, adapter):
+def evaluate_base_model(args, net, tok, test_set, adapter):
     """The accuracy before training (written to before.json) and the answer formats the base model
     writes, with a warning when they are not what the reward reads."""
     print(f"evaluating the base model on {len(test_set)} held-out problems ...", flush=True)
-    before = evaluate_all(net, tok, test_set, s, adapter, "before")
+    before = evaluate_all(net, tok, test_set, args, adapter, "before")
     if rank() == 0:
-        write_json(os.path.join(s.out, "before.json"), before)
-    print(accuracy_line("before", before, s), flush=True)
+        write_json(os.path.join(args.out, "before.json"), before)
+    print(accuracy_line("before", before, args), flush=True)
     print(formats_line(before), flush=True)
-    warning = format_warning(before, s)
+    warning = format_warning(before, args)
     if warning and rank() == 0:
         print(warning, file=sys.stderr, flush=True)
     return before
@@ -81,11 +81,11 @@ def check_outputs(net, tok, adapter, source):
                          "large; check the file (or --scale)")
 
 
-def accuracy_line(name, acc, s):
+def accuracy_line(name, acc, args):
     """Strict and flexible accuracy per decoding; with --reward paper also the paper rule's, the
     accuracy the paper reports (a before.json from an older run may lack it)."""
-    label = {"greedy": "greedy", "sampled": f"sampled (T={s.eval_temperature:g})"}
-    paper = s.reward == "paper" and all("paper" in a for a in acc.values())
+    label = {"greedy": "greedy", "sampled": f"sampled (T={args.eval_temperature:g})"}
+    paper = args.reward == "paper" and all("paper" in a for a in acc.values())
     return f"{name:<7} " + " | ".join(f"{label[decoding]} strict {a['strict']:.3f} flexible {a['flexible']:.3f}"
                                       + (f" paper {a['paper']:.3f}" if paper else "") for decoding, a in acc.items())
 
@@ -97,18 +97,18 @@ def formats_line(acc):
     return "formats " + " | ".join(parts)
 
 
-def format_warning(acc, s):
+def format_warning(acc, args):
     """A warning when the base model rarely writes the answer format that the GRPO reward reads,
     else None (`flexible` reads any number: never)."""
-    needs = {"strict": "####", "paper": "####", "boxed": "boxed"}.get(s.reward)
-    if needs is None or s.algo != "grpo":
+    needs = {"strict": "####", "paper": "####", "boxed": "boxed"}.get(args.reward)
+    if needs is None or args.algo != "grpo":
         return None
     share = max(a["formats"][needs] for a in acc.values())
     if share >= FORMAT_WARNING:
         return None
     written = {"####": "'#### N'", "boxed": "\\boxed{}"}[needs]
-    return (f"warning: the base model wrote {written}, the answer format that --reward {s.reward} reads, in {share:.1%} "
+    return (f"warning: the base model wrote {written}, the answer format that --reward {args.reward} reads, in {share:.1%} "
             "of its completions: nearly every reward will be 0, and GRPO learns nothing from a group whose rewards are "
-            f"equal. Read its completions in {os.path.join(s.out, 'eval_before_*.jsonl')}; then use a reward that reads "
+            f"equal. Read its completions in {os.path.join(args.out, 'eval_before_*.jsonl')}; then use a reward that reads "
             "them (--reward boxed for \\boxed{}, --reward flexible for the last number) or an --instruction the model "
             "follows (docs/reproducing.md, 'Answer formats')")

@@ -53,7 +53,7 @@ def local_rank():
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def join_processes(s):
+def join_processes(args):
     """Under torchrun, join the other processes: through NCCL between GPUs (process LOCAL_RANK has
     GPU LOCAL_RANK, see `build`), through gloo between CPU processes. Only rank 0 prints: the
     others' stdout is discarded. Called after the model is loaded, on purpose: building the first
@@ -62,9 +62,9 @@ def join_processes(s):
     running, and one of them can abort the interpreter's exit."""
     if world_size() == 1:
         return
-    cuda = torch.device(s.device).type == "cuda"
+    cuda = torch.device(args.device).type == "cuda"
     if cuda:
-        torch.cuda.set_device(s.device)
+        torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if cuda else "gloo")
     if rank() > 0:
         sys.stdout = open(os.devnull, "w")
@@ -148,27 +148,28 @@ class RunFolder:
     writes its first file; anything else in it is refused. Until `start`, nothing of the run is
     written: `release` then also removes a folder that claiming made."""
 
-    def __init__(self, s):
-        self.s, self.fd, self.made_folder, self.started = s, None, False, False
+    def __init__(self, args):
+        self.args, self.fd, self.made_folder, self.started = args, None, False, False
         if rank() == 0:  # under torchrun the other processes only read
             self.claim()
-        elif s.out is None:
-            s.out = self.default_name()  # for messages: rank 0 alone picks and writes the folder
+        elif args.out is None:
+            args.out = self.default_name()  # for messages: rank 0 alone picks and writes the folder
 
     def claim(self):
-        s = self.s
-        if s.out is None:
+        args = self.args
+        if args.out is None:
             self.make_default_folder()
         else:
-            if os.path.lexists(s.out) and not os.path.isdir(s.out):
-                raise UsageError(f"--out {s.out}: exists and is not a folder; choose another --out")
-            self.made_folder = not os.path.lexists(s.out)
+            if os.path.lexists(args.out) and not os.path.isdir(args.out):
+                raise UsageError(f"--out {args.out}: exists and is not a folder; choose another --out")
+            self.made_folder = not os.path.lexists(args.out)
             try:
-                os.makedirs(s.out, exist_ok=True)
+                os.makedirs(args.out, exist_ok=True)
             except OSError as e:
-                raise UsageError(f"--out {s.out}: cannot create the run folder ({e.strerror}); choose another --out") from None
-        if not os.access(s.out, os.W_OK | os.X_OK):
-            raise UsageError(f"--out {s.out}: not writable; choose another --out")
+                raise UsageError(f"--out {args.out}: cannot create the run folder ({e.strerror}); "
+                                 "choose another --out") from None
+        if not os.access(args.out, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {args.out}: not writable; choose another --out")
         self.lock()
         try:
             self.check_contents()
@@ -177,7 +178,7 @@ class RunFolder:
             raise
 
     def default_name(self):
-        return os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + ("-eval" if self.s.eval_only else ""))
+        return os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + ("-eval" if self.args.eval_only else ""))
 
     def make_default_folder(self):
         base = self.default_name()
@@ -189,13 +190,13 @@ class RunFolder:
                 continue
             except OSError as e:
                 raise UsageError(f"{name}: cannot create the run folder ({e.strerror}); give --out") from None
-            self.s.out, self.made_folder = name, True
+            self.args.out, self.made_folder = name, True
             return
 
     def lock(self):
         """Take LOCK_FILE's flock, or refuse naming the pid holding it. The lock file goes with
         `release`, so a lock taken on a file that was removed meanwhile is taken again."""
-        path = os.path.join(self.s.out, LOCK_FILE)
+        path = os.path.join(self.args.out, LOCK_FILE)
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -206,7 +207,7 @@ class RunFolder:
             except BlockingIOError:
                 owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise UsageError(f"--out {self.s.out}: in use by another train.py (pid {owner}); wait for it to end, "
+                raise UsageError(f"--out {self.args.out}: in use by another train.py (pid {owner}); wait for it to end, "
                                  "or choose another --out") from None
             if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -216,70 +217,71 @@ class RunFolder:
         os.write(fd, f"{os.getpid()}\n".encode())
 
     def check_contents(self):
-        s = self.s
-        names = sorted(n for n in os.listdir(s.out) if n != LOCK_FILE)
-        if s.resume:
-            if not os.path.isfile(os.path.join(s.out, "args.json")):
-                raise UsageError(f"--resume --out {s.out}: no args.json; not a run folder")
-        elif names and not s.overwrite:
-            raise UsageError(f"{s.out}: run folder exists and is not empty; pass --resume to continue it, "
+        args = self.args
+        names = sorted(n for n in os.listdir(args.out) if n != LOCK_FILE)
+        if args.resume:
+            if not os.path.isfile(os.path.join(args.out, "args.json")):
+                raise UsageError(f"--resume --out {args.out}: no args.json; not a run folder")
+        elif names and not args.overwrite:
+            raise UsageError(f"{args.out}: run folder exists and is not empty; pass --resume to continue it, "
                              "--overwrite to replace it, or another --out")
         elif names:
-            foreign = [n for n in names if not is_run_file(n) or os.path.isdir(os.path.join(s.out, n))]
+            foreign = [n for n in names if not is_run_file(n) or os.path.isdir(os.path.join(args.out, n))]
             if foreign:
-                raise UsageError(f"--overwrite {s.out}: it holds {foreign[0]!r}, which is not a run's file; --overwrite "
+                raise UsageError(f"--overwrite {args.out}: it holds {foreign[0]!r}, which is not a run's file; --overwrite "
                                  "removes only a run's own files: move it away, or choose another --out")
 
     def start(self):
         """Called before the run's first write: --overwrite removes the old run's files now."""
-        if self.fd is not None and self.s.overwrite:
-            for name in os.listdir(self.s.out):
+        if self.fd is not None and self.args.overwrite:
+            for name in os.listdir(self.args.out):
                 if name != LOCK_FILE and is_run_file(name):
-                    os.remove(os.path.join(self.s.out, name))
+                    os.remove(os.path.join(self.args.out, name))
         self.started = True
 
     def release(self):
         """Give the folder up (the lock file goes); before `start`, also remove a folder that claiming made."""
         if self.fd is None:
             return
-        os.remove(os.path.join(self.s.out, LOCK_FILE))  # still locked: no one takes it meanwhile
+        os.remove(os.path.join(self.args.out, LOCK_FILE))  # still locked: no one takes it meanwhile
         os.close(self.fd)
         self.fd = None
-        if not self.started and self.made_folder and not os.listdir(self.s.out):
-            os.rmdir(self.s.out)
+        if not self.started and self.made_folder and not os.listdir(self.args.out):
+            os.rmdir(self.args.out)
 
 
-def interrupted_line(s, folder):
+def interrupted_line(args, folder):
     """What a Ctrl-C outside the training steps leaves, and what to do with it."""
     if folder is None or not folder.started:
-        if s.resume:
-            return f"interrupted: the run in {s.out} is unchanged; continue it with python train.py --resume --out {s.out}"
+        if args.resume:
+            return (f"interrupted: the run in {args.out} is unchanged; continue it with "
+                    f"python train.py --resume --out {args.out}")
         return "interrupted before the run wrote anything; nothing to clean up"
-    if s.eval_only or not resumable(s):
-        return (f"interrupted: {s.out} holds an unfinished {'evaluation' if s.eval_only else 'run'}; remove it, or "
-                f"start again with --overwrite --out {s.out}")
-    return f"interrupted: continue the run with python train.py --resume --out {s.out} (or remove {s.out})"
+    if args.eval_only or not resumable(args):
+        return (f"interrupted: {args.out} holds an unfinished {'evaluation' if args.eval_only else 'run'}; remove it, or "
+                f"start again with --overwrite --out {args.out}")
+    return f"interrupted: continue the run with python train.py --resume --out {args.out} (or remove {args.out})"
 
 
-def resumable(s):
-    """Whether --resume can continue the run in s.out: a training run that has written its args.json."""
-    return not s.eval_only and os.path.isfile(os.path.join(s.out, "args.json"))
+def resumable(args):
+    """Whether --resume can continue the run in args.out: a training run that has written its args.json."""
+    return not args.eval_only and os.path.isfile(os.path.join(args.out, "args.json"))
 
 
-def os_error_line(e, s, folder):
+def os_error_line(e, args, folder):
     """A failed read or write (a full disk, a file removed under the run) as one line naming the path."""
-    line = f"error: {getattr(e, 'filename', None) or s.out}: {getattr(e, 'strerror', None) or e}"
-    if folder is not None and folder.started and resumable(s):
-        line += f"; fix it, then continue the run with python train.py --resume --out {s.out}"
+    line = f"error: {getattr(e, 'filename', None) or args.out}: {getattr(e, 'strerror', None) or e}"
+    if folder is not None and folder.started and resumable(args):
+        line += f"; fix it, then continue the run with python train.py --resume --out {args.out}"
     return line
 
 
-def out_of_memory_line(e, s, folder):
+def out_of_memory_line(e, args, folder):
     """Out of GPU (or CPU) memory: what to lower, and how to continue."""
-    line = (f"error: out of memory on {s.device} ({str(e).splitlines()[0][:120]}); lower --micro-batch, --eval-batch "
+    line = (f"error: out of memory on {args.device} ({str(e).splitlines()[0][:120]}); lower --micro-batch, --eval-batch "
             "or --max-new-tokens, or use --dtype bfloat16")
-    if folder is not None and folder.started and resumable(s):
-        line += f", then continue the run with python train.py --resume --out {s.out} --micro-batch N"
+    if folder is not None and folder.started and resumable(args):
+        line += f", then continue the run with python train.py --resume --out {args.out} --micro-batch N"
     return line
 
 

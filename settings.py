@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DECODINGS = {"greedy": ("greedy",), "sampled": ("sampled",), "both": ("greedy", "sampled")}  # --eval-decoding
 
 # name: (default, type or choices, help). A default of None is explained by the help; bool = a switch.
-# The adapter's and GRPO's defaults are their configs' (tinylora.TinyLoRAConfig, grpo.GRPOConfig).
+# The adapter's and GRPO's defaults are their configs'.
+ADAPTER, GRPO = tinylora.TinyLoRAConfig, grpo.GRPOConfig
 SETTINGS = {
     "run": {
         "out": (None, str, "run folder (default runs/<date-time>); an existing non-empty one needs --resume or --overwrite"),
@@ -49,14 +50,14 @@ SETTINGS = {
         "threads": (0, int, "CPU threads for torch (0 = torch's default)"),
     },
     "adapter (tinylora.py, docs/method.md)": {
-        "method": (tinylora.TinyLoRAConfig.method, tinylora.METHODS, "the parameterization of the update"),
-        "r": (tinylora.TinyLoRAConfig.r, int, "rank of the frozen SVD subspace (LoRA: the LoRA rank)"),
-        "u": (tinylora.TinyLoRAConfig.u, int, "TinyLoRA: trainable numbers per tie group"),
+        "method": (ADAPTER.method, tinylora.METHODS, "the parameterization of the update"),
+        "r": (ADAPTER.r, int, "rank of the frozen SVD subspace (LoRA: the LoRA rank)"),
+        "u": (ADAPTER.u, int, "TinyLoRA: trainable numbers per tie group"),
         "n_tie": ("1", str, "modules sharing one trainable vector; 'all' = one vector for the whole model"),
-        "tiling": (tinylora.TinyLoRAConfig.tiling, tinylora.TILINGS, "tie neighbours in depth (tiled) or same-type modules (structured)"),
-        "proj_seed": (tinylora.TinyLoRAConfig.seed, int, "seed of the fixed random projections P"),
-        "scale": (tinylora.TinyLoRAConfig.scale, float, "multiplier on the adapter's update"),
-        "svd": (tinylora.TinyLoRAConfig.svd, ("randomized", "exact"), "truncated SVD method"),
+        "tiling": (ADAPTER.tiling, tinylora.TILINGS, "tie neighbours in depth (tiled) or same-type modules (structured)"),
+        "proj_seed": (ADAPTER.seed, int, "seed of the fixed random projections P"),
+        "scale": (ADAPTER.scale, float, "multiplier on the adapter's update"),
+        "svd": (ADAPTER.svd, ("randomized", "exact"), "truncated SVD method"),
         "adapter_dtype": ("float32", ("float32", "bfloat16"), "dtype of the saved adapter file"),
         "svd_cache": (tinylora.DEFAULT_CACHE_DIR, str, "folder of the SVD factors' cache, 'none' for no cache"),
     },
@@ -69,23 +70,23 @@ SETTINGS = {
         "prompts_per_step": (16, int, "problems per step (all processes together)"),
         "samples": (4, int, "GRPO: completions per problem (G)"),
         "max_new_tokens": (512, int, "completion budget per sample"),
-        "temperature": (grpo.GRPOConfig.temperature, float, "rollout sampling temperature"),
+        "temperature": (GRPO.temperature, float, "rollout sampling temperature"),
         "top_p": (1.0, float, "rollout nucleus sampling"),
-        "clip_low": (grpo.GRPOConfig.clip_low, float, "PPO clip: ratio floor 1 - clip_low"),
-        "clip_high": (grpo.GRPOConfig.clip_high, float, "PPO clip: ratio ceiling 1 + clip_high"),
-        "tis_cap": (grpo.GRPOConfig.tis_cap, float, "truncated importance-sampling cap (0 = off)"),
-        "kl_beta": (grpo.GRPOConfig.kl_beta, float, "weight of the k3 KL to the base model (0 = off)"),
-        "agg": (grpo.GRPOConfig.agg, grpo.AGGREGATIONS, "loss normalisation: token-mean (DAPO), seq-mean (GRPO), constant "
+        "clip_low": (GRPO.clip_low, float, "PPO clip: ratio floor 1 - clip_low"),
+        "clip_high": (GRPO.clip_high, float, "PPO clip: ratio ceiling 1 + clip_high"),
+        "tis_cap": (GRPO.tis_cap, float, "truncated importance-sampling cap (0 = off)"),
+        "kl_beta": (GRPO.kl_beta, float, "weight of the k3 KL to the base model (0 = off)"),
+        "agg": (GRPO.agg, grpo.AGGREGATIONS, "loss normalisation: token-mean (DAPO), seq-mean (GRPO), constant "
                 "(Dr. GRPO)"),
         "reward": ("strict", tuple(sorted(data.EXTRACTORS)), "answer check of the reward (docs/grpo.md): strict "
                    "(lenient: last '#### N' read as a number), paper (the authors' verl rule: last '#### N' in the last "
                    "300 characters, compared as a string), flexible (last number) or boxed (last \\boxed{}, MATH)"),
-        "adv_scale": (grpo.GRPOConfig.adv_scale, grpo.ADVANTAGE_SCALES, "divide advantages by the group std, or not (Dr. GRPO)"),
-        "mini_batches": (grpo.GRPOConfig.mini_batches, int, "optimizer steps per rollout batch"),
-        "micro_batch": (grpo.GRPOConfig.micro_batch_size, int, "completions per forward/backward (memory; per process)"),
+        "adv_scale": (GRPO.adv_scale, grpo.ADVANTAGE_SCALES, "divide advantages by the group std, or not (Dr. GRPO)"),
+        "mini_batches": (GRPO.mini_batches, int, "optimizer steps per rollout batch"),
+        "micro_batch": (GRPO.micro_batch_size, int, "completions per forward/backward (memory; per process)"),
         "weight_decay": (0.0, float, "AdamW weight decay"),
         "warmup": (0.0, float, "fraction of steps with a linear learning-rate warm-up"),
-        "max_grad_norm": (grpo.GRPOConfig.max_grad_norm, float, "gradient clipping (0 = off)"),
+        "max_grad_norm": (GRPO.max_grad_norm, float, "gradient clipping (0 = off)"),
         "seed": (0, int, "data order and sampling seed"),
         "save_every": (10, int, "checkpoint every N steps (0 = only at the end and on Ctrl-C)"),
     },
@@ -167,9 +168,9 @@ def parse_args(argv=None, description=None):
     """The settings of this invocation: the command line, then the preset, then DEFAULTS. A preset's
     method-specific values (u, n_tie) give way when --method names a method that has none.
     `explicit` lists the flags given on the command line; `from_preset` those the preset set."""
-    args = build_parser(description).parse_args(argv)
-    preset = args.preset or ("toy" if args.model is None else None)
-    explicit = {k: v for k, v in vars(args).items() if v is not None}
+    parsed = build_parser(description).parse_args(argv)
+    preset = parsed.preset or ("toy" if parsed.model is None else None)
+    explicit = {k: v for k, v in vars(parsed).items() if v is not None}
     from_preset = {k: v for k, v in PRESETS.get(preset, {}).items() if k not in explicit}
     method = explicit.get("method", from_preset.get("method", DEFAULTS["method"]))
     if method != "tinylora":
@@ -180,136 +181,136 @@ def parse_args(argv=None, description=None):
     return argparse.Namespace(**settings, explicit=sorted(explicit), from_preset=sorted(from_preset))
 
 
-def named(s, name):
+def named(args, name):
     """A setting as an error message names it: the flag, with the preset when the preset set it."""
-    preset = f" (set by --preset {s.preset})" if name in s.from_preset else ""
-    return f"{flag(name)} {getattr(s, name)}{preset}"
+    preset = f" (set by --preset {args.preset})" if name in args.from_preset else ""
+    return f"{flag(name)} {getattr(args, name)}{preset}"
 
 
 # --------------------------------------------------------------------------------------------
 # Checks of the settings alone (no file read)
 
 
-def check_settings(s):
+def check_settings(args):
     """Impossible values, and flags that would be ignored or meaningless in this mode."""
     for name in ("r", "u", "prompts_per_step", "samples", "max_new_tokens", "mini_batches", "micro_batch", "eval_batch"):
-        if getattr(s, name) < 1:
-            raise UsageError(f"{flag(name)} must be >= 1, got {getattr(s, name)}")
+        if getattr(args, name) < 1:
+            raise UsageError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
     for name in ("lr", "temperature", "clip_low", "clip_high", "tis_cap", "kl_beta", "weight_decay", "warmup",
                  "max_grad_norm", "steps", "epochs", "eval_limit", "save_every", "threads", "eval_temperature", "seed",
                  "proj_seed"):
-        value = getattr(s, name)
+        value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"{flag(name)} must be a finite number >= 0, got {value}")
-    if not abs(s.scale) <= MAX_SCALE:
-        raise UsageError(f"--scale must be a number within +-{MAX_SCALE:g}, got {s.scale}: an update that large "
+    if not abs(args.scale) <= MAX_SCALE:
+        raise UsageError(f"--scale must be a number within +-{MAX_SCALE:g}, got {args.scale}: an update that large "
                          "swamps the weights (and overflows float32)")
-    if not 0 < s.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {s.top_p}")
-    if s.warmup >= 1:
-        raise UsageError(f"--warmup is a fraction of the steps and must be < 1, got {s.warmup}")
-    if str(s.n_tie) != "all" and not (str(s.n_tie).isdigit() and int(s.n_tie) >= 1):
-        raise UsageError(f"--n-tie must be a positive integer or 'all', got {s.n_tie!r}")
-    if s.eval_temperature == 0 and s.eval_decoding != "greedy":
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.warmup >= 1:
+        raise UsageError(f"--warmup is a fraction of the steps and must be < 1, got {args.warmup}")
+    if str(args.n_tie) != "all" and not (str(args.n_tie).isdigit() and int(args.n_tie) >= 1):
+        raise UsageError(f"--n-tie must be a positive integer or 'all', got {args.n_tie!r}")
+    if args.eval_temperature == 0 and args.eval_decoding != "greedy":
         raise UsageError("--eval-temperature 0 makes the sampled evaluation a second greedy one; use --eval-decoding "
                          "greedy, or a temperature > 0")
-    if "eval_temperature" in s.explicit and s.eval_decoding == "greedy":
-        raise UsageError(f"--eval-temperature is unused with {named(s, 'eval_decoding')}; remove it, or use "
+    if "eval_temperature" in args.explicit and args.eval_decoding == "greedy":
+        raise UsageError(f"--eval-temperature is unused with {named(args, 'eval_decoding')}; remove it, or use "
                          "--eval-decoding sampled or both")
-    if s.model is None:
-        raise UsageError(f"--model is required with --preset {s.preset}: give a Hugging Face checkpoint folder (only "
+    if args.model is None:
+        raise UsageError(f"--model is required with --preset {args.preset}: give a Hugging Face checkpoint folder (only "
                          "the toy preset brings its own model)")
-    for name in ("eval_data",) + (() if s.eval_only else ("train_data",)):
-        if getattr(s, name) is None:
+    for name in ("eval_data",) + (() if args.eval_only else ("train_data",)):
+        if getattr(args, name) is None:
             raise UsageError(f"{flag(name)} is required with --model (only the toy preset brings its own data)")
-    if s.svd_cache != "none" and os.path.exists(s.svd_cache) and not os.path.isdir(s.svd_cache):
-        raise UsageError(f"--svd-cache {s.svd_cache}: exists and is not a folder; name a folder, or 'none' for no cache")
-    if s.eval_only:
-        unused = [name for name in s.explicit if name in TRAINING_ONLY]
+    if args.svd_cache != "none" and os.path.exists(args.svd_cache) and not os.path.isdir(args.svd_cache):
+        raise UsageError(f"--svd-cache {args.svd_cache}: exists and is not a folder; name a folder, or 'none' for no cache")
+    if args.eval_only:
+        unused = [name for name in args.explicit if name in TRAINING_ONLY]
         if unused:
             raise UsageError(f"{flag(unused[0])} is a training setting, unused by --eval-only; remove it")
     else:
-        check_training_settings(s)
+        check_training_settings(args)
 
 
-def check_training_settings(s):
+def check_training_settings(args):
     """The checks of a training run's settings, including the adapter's (tinylora.TinyLoRAConfig)."""
-    if s.adapter is not None:
-        raise UsageError(f"--adapter {s.adapter}: only --eval-only reads an adapter; a training run starts from zero "
+    if args.adapter is not None:
+        raise UsageError(f"--adapter {args.adapter}: only --eval-only reads an adapter; a training run starts from zero "
                          "(to continue a run: --resume --out RUN)")
-    if s.steps == 0 and s.epochs == 0:
+    if args.steps == 0 and args.epochs == 0:
         raise UsageError("--steps 0 and --epochs 0 train nothing: give --steps N or --epochs N (N >= 1)")
-    if s.steps and "epochs" in s.explicit:
-        raise UsageError(f"--epochs is used only when --steps is 0, and {named(s, 'steps')}; give one of the two")
-    if s.clip_low >= 1:
-        raise UsageError(f"--clip-low {s.clip_low}: the ratio floor 1 - clip_low must be > 0; use a value below 1")
-    unused = [name for name in s.explicit if name in (GRPO_ONLY if s.algo == "sft" else ("sft_field",))]
+    if args.steps and "epochs" in args.explicit:
+        raise UsageError(f"--epochs is used only when --steps is 0, and {named(args, 'steps')}; give one of the two")
+    if args.clip_low >= 1:
+        raise UsageError(f"--clip-low {args.clip_low}: the ratio floor 1 - clip_low must be > 0; use a value below 1")
+    unused = [name for name in args.explicit if name in (GRPO_ONLY if args.algo == "sft" else ("sft_field",))]
     if unused:
-        raise UsageError(f"{flag(unused[0])} is a setting of --algo {'grpo' if s.algo == 'sft' else 'sft'}, "
-                         f"unused with --algo {s.algo}; remove it")
-    if s.algo == "grpo":
-        if s.samples < 2:
+        raise UsageError(f"{flag(unused[0])} is a setting of --algo {'grpo' if args.algo == 'sft' else 'sft'}, "
+                         f"unused with --algo {args.algo}; remove it")
+    if args.algo == "grpo":
+        if args.samples < 2:
             raise UsageError("--samples must be >= 2 for GRPO: advantages compare the samples of a prompt")
-        if s.temperature == 0:
+        if args.temperature == 0:
             raise UsageError("--temperature 0 makes the samples of a prompt identical: every GRPO advantage would be 0; "
                              "use a temperature > 0 (1.0 is the default)")
-        if s.prompts_per_step % s.mini_batches:
-            raise UsageError(f"{named(s, 'prompts_per_step')} must be a multiple of {named(s, 'mini_batches')}: "
+        if args.prompts_per_step % args.mini_batches:
+            raise UsageError(f"{named(args, 'prompts_per_step')} must be a multiple of {named(args, 'mini_batches')}: "
                              "each optimizer step takes an equal share of the prompts")
-    parts = s.mini_batches if s.algo == "grpo" else 1
-    if world_size() > 1 and s.prompts_per_step % (world_size() * parts):
-        raise UsageError(f"--prompts-per-step {s.prompts_per_step} must be a multiple of {world_size() * parts} "
+    parts = args.mini_batches if args.algo == "grpo" else 1
+    if world_size() > 1 and args.prompts_per_step % (world_size() * parts):
+        raise UsageError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of {world_size() * parts} "
                          f"({world_size()} processes x {parts} mini-batches): each process takes the same number of "
                          "prompts, with all their samples, from every mini-batch")
-    if s.kl_beta > 0 and s.method == "full":
+    if args.kl_beta > 0 and args.method == "full":
         raise UsageError("--kl-beta needs an adapter to switch off for the reference policy; not with --method full")
-    unused = [name for name, methods in METHOD_FLAGS.items() if name in s.explicit and s.method not in methods]
+    unused = [name for name, methods in METHOD_FLAGS.items() if name in args.explicit and args.method not in methods]
     if unused:
-        raise UsageError(f"{flag(unused[0])} is unused by --method {s.method} (it applies to "
+        raise UsageError(f"{flag(unused[0])} is unused by --method {args.method} (it applies to "
                          f"{', '.join(METHOD_FLAGS[unused[0]])}); remove it")
     names = {"r": "r", "u": "u", "n_tie": "n_tie", "tiling": "tiling", "seed": "proj_seed", "scale": "scale", "svd": "svd"}
     try:
-        tinylora.TinyLoRAConfig(method=s.method, r=s.r, u=s.u, n_tie=1 if str(s.n_tie) == "all" else int(s.n_tie),
-                                tiling=s.tiling, seed=s.proj_seed, scale=s.scale, svd=s.svd)
+        ADAPTER(method=args.method, r=args.r, u=args.u, n_tie=1 if str(args.n_tie) == "all" else int(args.n_tie),
+                tiling=args.tiling, seed=args.proj_seed, scale=args.scale, svd=args.svd)
     except ValueError as e:
         key = str(e).split(".", 1)[1].split("=", 1)[0]  # "TinyLoRAConfig.u=13: ..." -> u
-        raise UsageError(f"{named(s, names[key])}: {str(e).split(': ', 1)[1]}") from None
+        raise UsageError(f"{named(args, names[key])}: {str(e).split(': ', 1)[1]}") from None
 
 
 # --------------------------------------------------------------------------------------------
 # The settings of a run: new, or resumed from its args.json
 
 
-def run_settings(s, command):
+def run_settings(args, command):
     """The settings of the run this invocation makes or continues, checked: with --resume, the
     saved ones (args.json) with the flags of RESUMABLE given now, and `command` added to the run's
     resumes; else the command line's, with a new run id."""
-    if not s.resume:
-        s.command, s.resumes, s.run_id = command, [], uuid.uuid4().hex
-        check_settings(s)
-        return s
-    if s.out is None:
+    if not args.resume:
+        args.command, args.resumes, args.run_id = command, [], uuid.uuid4().hex
+        check_settings(args)
+        return args
+    if args.out is None:
         raise UsageError("--resume needs --out: the run folder to continue")
     for name in ("eval_only", "overwrite", "adapter"):
-        if name in s.explicit:
+        if name in args.explicit:
             raise UsageError(f"--resume continues a training run with its own settings; not with {flag(name)}")
-    saved = read_saved_settings(os.path.join(s.out, "args.json"))
-    for name in s.explicit:
+    saved = read_saved_settings(os.path.join(args.out, "args.json"))
+    for name in args.explicit:
         if name in RESUMABLE:
-            saved[name] = getattr(s, name)
-        elif name not in ("resume", "out") and str(saved.get(name)) != str(getattr(s, name)):
-            raise UsageError(f"{flag(name)} {getattr(s, name)}: the run in {s.out} has {saved.get(name)} (args.json); "
+            saved[name] = getattr(args, name)
+        elif name not in ("resume", "out") and str(saved.get(name)) != str(getattr(args, name)):
+            raise UsageError(f"{flag(name)} {getattr(args, name)}: the run in {args.out} has {saved.get(name)} (args.json); "
                              f"--resume may change only {', '.join(map(flag, RESUMABLE))}: start a new run "
                              "(another --out) to change the others")
     resumes = saved.pop("resumes", []) + [command]  # runs made before commands were saved have none
-    explicit = [name for name in s.explicit if name in RESUMABLE]
+    explicit = [name for name in args.explicit if name in RESUMABLE]
     resumed = argparse.Namespace(**{**DEFAULTS, "command": None, "run_id": None, **saved, "resumes": resumes,
-                                    "resume": True, "overwrite": False, "out": s.out, "explicit": explicit,
+                                    "resume": True, "overwrite": False, "out": args.out, "explicit": explicit,
                                     "from_preset": []})  # DEFAULTS: settings newer than the run
     try:
         check_settings(resumed)
     except UsageError as e:
-        raise UsageError(f"{os.path.join(s.out, 'args.json')} with this command: {e}") from None
+        raise UsageError(f"{os.path.join(args.out, 'args.json')} with this command: {e}") from None
     return resumed
 
 
@@ -362,59 +363,60 @@ def saved_value_ok(key, value):
 # Checks of the files and the device, before the model loads (which can take minutes)
 
 
-def total_steps(s, n_train):
-    return s.steps if s.steps > 0 else s.epochs * max(n_train // s.prompts_per_step, 1)
+def total_steps(args, n_train):
+    return args.steps if args.steps > 0 else args.epochs * max(n_train // args.prompts_per_step, 1)
 
 
-def check_inputs(s):
+def check_inputs(args):
     """Every file and device the run needs, read or checked -> (training problems or None,
     evaluation problems)."""
-    check_device(s)
-    if os.path.exists(s.model) and not os.path.isdir(s.model):
-        raise UsageError(f"--model {s.model}: a file; give the Hugging Face checkpoint folder")
-    config = M.read_config(s.model)  # a missing or broken config.json, in a second
-    if s.max_new_tokens > config.max_position_embeddings:
-        raise UsageError(f"--max-new-tokens {s.max_new_tokens}: longer than the model's whole context of "
+    check_device(args)
+    if os.path.exists(args.model) and not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model}: a file; give the Hugging Face checkpoint folder")
+    config = M.read_config(args.model)  # a missing or broken config.json, in a second
+    if args.max_new_tokens > config.max_position_embeddings:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: longer than the model's whole context of "
                          f"{config.max_position_embeddings} tokens (max_position_embeddings in "
-                         f"{os.path.join(s.model, 'config.json')}); give at most that, less the prompt")
+                         f"{os.path.join(args.model, 'config.json')}); give at most that, less the prompt")
     for name in ("train_data", "eval_data", "adapter"):
-        path = getattr(s, name)
+        path = getattr(args, name)
         if path is not None and not os.path.isfile(path):
             what = "a folder" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "no such file"
             raise UsageError(f"{flag(name)} {path}: {what}; give a file")
     try:
-        train = (data.load_problems(s.train_data, sft_field=s.sft_field if s.algo == "sft" else None)
-                 if not s.eval_only else None)
-        test = data.load_problems(s.eval_data)
+        train = (data.load_problems(args.train_data, sft_field=args.sft_field if args.algo == "sft" else None)
+                 if not args.eval_only else None)
+        test = data.load_problems(args.eval_data)
     except OSError as e:
         raise UsageError(f"{e.filename}: cannot read ({e.strerror})") from None
-    if s.eval_limit:
-        test = test[:s.eval_limit]
+    if args.eval_limit:
+        test = test[:args.eval_limit]
     if not test:
-        raise UsageError(f"{s.eval_data}: no problems to evaluate")
-    if train is not None and len(train) < s.prompts_per_step:
-        raise UsageError(f"{s.train_data}: {len(train)} problems, fewer than --prompts-per-step {s.prompts_per_step}")
-    if train is not None and "warmup" in s.explicit and s.warmup and not int(s.warmup * total_steps(s, len(train))):
-        raise UsageError(f"{named(s, 'warmup')} of {total_steps(s, len(train))} steps is no step of warm-up; use 0, "
+        raise UsageError(f"{args.eval_data}: no problems to evaluate")
+    if train is not None and len(train) < args.prompts_per_step:
+        raise UsageError(f"{args.train_data}: {len(train)} problems, fewer than --prompts-per-step {args.prompts_per_step}")
+    warm_steps = int(args.warmup * total_steps(args, len(train))) if train is not None else 1
+    if "warmup" in args.explicit and args.warmup and not warm_steps:
+        raise UsageError(f"{named(args, 'warmup')} of {total_steps(args, len(train))} steps is no step of warm-up; use 0, "
                          "or a larger fraction")
-    if s.svd_cache != "none":
-        existing = s.svd_cache  # the folder, or its nearest existing parent, must be a writable folder
+    if args.svd_cache != "none":
+        existing = args.svd_cache  # the folder, or its nearest existing parent, must be a writable folder
         while not os.path.exists(existing):
             existing = os.path.dirname(os.path.abspath(existing))
         if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-            raise UsageError(f"--svd-cache {s.svd_cache}: cannot be created or written ({existing} is not a writable "
+            raise UsageError(f"--svd-cache {args.svd_cache}: cannot be created or written ({existing} is not a writable "
                              "folder); name another folder, or 'none' for no cache")
     return train, test
 
 
-def check_device(s):
-    """--device: a device of this machine (under torchrun with CUDA: GPU LOCAL_RANK); sets s.device."""
+def check_device(args):
+    """--device: a device of this machine (under torchrun with CUDA: GPU LOCAL_RANK); sets args.device."""
     try:
-        device = torch.device(s.device) if s.device else M.default_device()
+        device = torch.device(args.device) if args.device else M.default_device()
     except (RuntimeError, ValueError):
-        raise UsageError(f"--device {s.device!r}: not a device; use cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {args.device!r}: not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {s.device}: only cpu and cuda are supported")
+        raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
     if device.type == "cuda":
         if world_size() > 1:
             device = torch.device("cuda", local_rank())  # one GPU per process (on --resume too)
@@ -422,4 +424,4 @@ def check_device(s):
         if (device.index or 0) >= count:
             raise UsageError(f"--device {device}: this machine has {count} CUDA GPU(s); use --device cpu"
                              + (f" (or --device cuda:N with N < {count})" if count else ""))
-    s.device = str(device)
+    args.device = str(device)
