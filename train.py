@@ -33,6 +33,7 @@ written; a failed write is exit code 1; Ctrl-C ends with one line saying whether
 resumed (130): during a step the run first finishes it and saves a checkpoint.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -240,7 +241,12 @@ def read_run_state(args, n_train):
     if os.path.exists(ckpt):
         start, *checkpoint = read_checkpoint(ckpt, args.run_id, total_steps(args, n_train))  # [tensors, anchors]
     logs = {name: read_log(os.path.join(args.out, name), start) for name in log_names(args)}
-    return start, checkpoint, logs, read_before(os.path.join(args.out, "before.json"), DECODINGS[args.eval_decoding])
+    before = read_before(os.path.join(args.out, "before.json"), DECODINGS[args.eval_decoding])
+    if before is None and start and args.method == "full":
+        raise UsageError(f"{os.path.join(args.out, 'before.json')}: missing or damaged, and --method full has trained "
+                         "the weights in place, so the base model cannot be evaluated again; put before.json back, or "
+                         "start a new run")
+    return start, checkpoint, logs, before
 
 
 def log_names(args):
@@ -271,7 +277,8 @@ def begin_session(args, folder, state, net, tok, test_set, adapter, optimizer, t
         if args.resume:
             print(f"{os.path.join(args.out, 'before.json')}: missing or damaged; evaluating the base model again",
                   flush=True)
-        before = evaluate_base_model(args, net, tok, test_set, None if start else adapter)
+        with adapter.disabled() if start else contextlib.nullcontext():  # the base model, not the trained one
+            before = evaluate_base_model(args, net, tok, test_set, None if start else adapter)
     return start, before, kept.get("metrics.jsonl", [])
 
 

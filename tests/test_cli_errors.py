@@ -353,8 +353,39 @@ def test_resume_applies_steps_refuses_other_changes_and_rebuilds_a_damaged_befor
     assert "resumed" in printed and "before.json: missing or damaged" in printed and "step 3/3" in printed
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2, 3]
     assert json.load(open(run / "args.json"))["steps"] == 3
-    assert json.load(open(run / "before.json"))["greedy"]["strict"] <= 1
+    assert (run / "before.json").read_bytes() == before["before.json"]  # the base model's, not the trained one's
 
+
+
+def test_a_rebuilt_before_json_is_the_base_models_not_the_trained_ones(run, capsys):
+    """A resumed run whose before.json is gone evaluates the base model again, with the restored
+    adapter switched off: the same numbers as the first evaluation, however far v has moved."""
+    original = {name: (run / name).read_bytes() for name in ("before.json", "eval_before_greedy.jsonl")}
+
+    def far(tensors, meta):
+        tensors["adapter.v"] = torch.full_like(tensors["adapter.v"], 5.0)
+    rewrite(run / "checkpoint.safetensors", far)
+    (run / "before.json").unlink()
+    assert train.main(["--resume", "--out", str(run), "--steps", "3"]) == 0
+    assert {name: (run / name).read_bytes() for name in original} == original
+
+    def completions(name):
+        return [json.loads(line)["completion"] for line in open(run / name)]
+    assert completions("eval_after_greedy.jsonl") != completions("eval_before_greedy.jsonl")  # v = 5 changes them
+
+
+def test_full_fine_tuning_cannot_rebuild_a_lost_before_json(setup, tmp_path, capsys):  # noqa: F811
+    """--method full trains the weights in place: after step 0 the base model is gone, so a lost
+    before.json is refused (one line, nothing written) instead of evaluating the trained model."""
+    out = tmp_path / "full"
+    args = tiny_args(setup, out, *SHORT)
+    for flag in ("--u", "--n-tie"):  # full fine-tuning has no v to size or tie
+        del args[args.index(flag):args.index(flag) + 2]
+    assert train.main([*args, "--method", "full"]) == 0
+    (out / "before.json").unlink()
+    kept = {name: (out / name).read_bytes() for name in files(out)}
+    refused(capsys, ["--resume", "--out", str(out), "--steps", "3"], "before.json", "--method full")
+    assert {name: (out / name).read_bytes() for name in files(out)} == kept
 
 # --------------------------------------------------------------------------------------------
 # 6. Ctrl-C anywhere: one line, a resumable or removable folder; a second Ctrl-C stops at once
