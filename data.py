@@ -13,7 +13,7 @@ cannot be used raises `DataError` naming the file, the line and what to fix.
 
 Prompt. `make_prompt` writes the question, a space, then the instruction (default: the authors'
 `Let's think step by step and output the final answer after "####".`, joined with a space exactly
-as in their verl preprocessing script) into the model family's chat format (model.py).
+as in their verl preprocessing script) into the model family's chat format (tokenizer.py).
 
 Answer checks, given a completion's text (docs/grpo.md, "Which reward is the paper's", compares
 the first two with lm-eval-harness on example endings):
@@ -197,7 +197,7 @@ def last_boxed(text):
 
 def extract_boxed(text):
     """Normalised content of the last `\\boxed{...}`, or None; an empty box (`\\boxed{}`,
-    `\\boxed{ }`) is no answer, so it earns no format bonus."""
+    `\\boxed{ }`) is no answer."""
     content = last_boxed(text)
     if content is None:
         return None
@@ -233,18 +233,17 @@ def reward(completion, target, mode="strict"):
 
 @dataclass
 class Scores:
-    rewards: list  # [N] floats, the training signal
-    correct: list  # [N] bools under the reward's check (`mode`)
+    correct: list  # [N] bools under the strict check
     flexible: list  # [N] bools under the last-number check, reported next to `correct`
 
 
-def score(completions, targets, mode="strict"):
-    """Rewards and correctness of N completion texts against N normalised targets."""
+def score(completions, targets):
+    """Strict and flexible correctness of N completion texts against N normalised targets (the
+    accuracy train.py logs next to the reward, whichever check the reward uses)."""
     if len(completions) != len(targets):
         raise ValueError(f"score: {len(completions)} completions but {len(targets)} targets; repeat each "
                          "target once per sample")
-    return Scores(rewards=[reward(c, t, mode) for c, t in zip(completions, targets)],
-                  correct=[is_correct(c, t, mode) for c, t in zip(completions, targets)],
+    return Scores(correct=[is_correct(c, t) for c, t in zip(completions, targets)],
                   flexible=[is_correct(c, t, "flexible") for c, t in zip(completions, targets)])
 
 

@@ -45,7 +45,7 @@ ADVANTAGE_SCALES = ("std", "none")
 @dataclass
 class GRPOConfig:
     """A GRPO update's settings, the one home of their defaults: plain GRPO (symmetric clip, no
-    importance weights, no KL); train.py's gsm8k-paper preset sets clip_high 0.4 and tis_cap 2.0."""
+    importance weights, no KL); the gsm8k-paper preset (settings.PRESETS) sets clip_high 0.4 and tis_cap 2.0."""
 
     temperature: float = 1.0  # the sampling temperature; log-probs are recomputed at the same T
     adv_scale: str = "std"  # 'std': divide by the group's std (GRPO); 'none' (Dr. GRPO)
@@ -354,16 +354,12 @@ def grpo_backward(model, batch, micro_batch_size, cfg, normalizer=None):
 
 @dataclass
 class StepStats:
-    """What one grpo_update did. Accuracies (strict, flexible) come with the rewards: data.score."""
-    reward: float  # mean reward of the rollout batch
-    length: float  # mean completion length in tokens
+    """What one grpo_update did (the caller has the rewards and lengths themselves)."""
     zero_adv_groups: float  # fraction of prompts whose samples all scored the same (no signal)
     loss: float  # mean over the optimizer steps
     clip_frac: float  # token-weighted over all updates
-    ratio: float
     kl: float
     grad_norm: float  # mean gradient norm before clipping
-    updates: int  # optimizer steps taken
 
 
 class NonFiniteError(ArithmeticError):
@@ -379,11 +375,10 @@ def clip_gradients(params, max_norm, loss):
     return norm
 
 
-def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, scheduler=None, sum_over_processes=None):
+def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, sum_over_processes=None):
     """One GRPO step on a rollout batch and its rewards [P, G]: prepare it, then for each of
     cfg.ppo_epochs passes and each of cfg.mini_batches consecutive slices of prompts: zero_grad,
-    grpo_backward (normalised over that mini-batch), clip the gradient, optimizer and scheduler
-    step. With a single update the old policy is the current one: old_logp is not recomputed.
+    grpo_backward (normalised over that mini-batch), clip the gradient, optimizer step. With a single update the old policy is the current one: old_logp is not recomputed.
 
     Data parallelism (train.py under torchrun): each process passes its share of every mini-batch
     (whole groups) and `sum_over_processes`, which returns its argument (a number or a tensor)
@@ -404,17 +399,14 @@ def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, scheduler
             mini_batch = batch_rows(batch, slice(first * G, min(first + prompts_per_step, P) * G))
             Z = total(loss_normalizer(mini_batch.lengths, cfg.agg, cfg.constant_norm))
             parts.append(grpo_backward(model, mini_batch, cfg.micro_batch_size, cfg, Z))
-            for p in params:
-                p.grad = total(p.grad)
+            for p in params:  # a parameter no completion reached has no gradient: zero, for the sum
+                p.grad = total(p.grad if p.grad is not None else torch.zeros_like(p))
             parts[-1].loss = total(parts[-1].loss)
             norms.append(clip_gradients(params, cfg.max_grad_norm, parts[-1].loss))
             optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
 
     merged = merge_stats(parts)
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(P, G)
-    return StepStats(reward=float(rewards.mean()), length=float(rollout.lengths.float().mean()),
-                     zero_adv_groups=float((rewards == rewards[:, :1]).all(dim=1).float().mean()),
-                     loss=merged.loss / len(parts), clip_frac=merged.clip_frac, ratio=merged.ratio, kl=merged.kl,
-                     grad_norm=sum(norms) / len(norms), updates=len(parts))
+    return StepStats(zero_adv_groups=float((rewards == rewards[:, :1]).all(dim=1).float().mean()),
+                     loss=merged.loss / len(parts), clip_frac=merged.clip_frac, kl=merged.kl,
+                     grad_norm=sum(norms) / len(norms))

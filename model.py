@@ -49,7 +49,7 @@ class ModelConfig:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768  # the context length (train.py checks --max-new-tokens against it)
+    max_position_embeddings: int = 32768  # the context length (settings.check_inputs checks --max-new-tokens against it)
     dtype: str = "float32"  # the checkpoint's stored dtype
     # what differs between the supported families (FAMILIES); the defaults are Qwen2's
     model_type: str = "qwen2"  # config.json's model_type: "qwen2" (Qwen2, Qwen2.5), "llama" (Llama 3.x), "qwen3"

@@ -55,7 +55,7 @@ def local_rank():
 
 def join_processes(args):
     """Under torchrun, join the other processes: through NCCL between GPUs (process LOCAL_RANK has
-    GPU LOCAL_RANK, see `build`), through gloo between CPU processes. Only rank 0 prints: the
+    GPU LOCAL_RANK, see settings.check_device), through gloo between CPU processes. Only rank 0 prints: the
     others' stdout is discarded. Called after the model is loaded, on purpose: building the first
     meta-device model (model.load_model) imports torch._dynamo, which in torch 2.13 keeps references
     to a process group existing at that moment; destroy_process_group then leaves its gloo threads
@@ -99,7 +99,7 @@ def my_share(items, mini_batches):
     8 prompts, 2 mini-batches, 2 processes: rank 0 takes prompts 0 1 | 4 5, rank 1 takes 2 3 | 6 7."""
     if world_size() == 1:
         return items
-    assert len(items) % (mini_batches * world_size()) == 0, "build() checks --prompts-per-step"
+    assert len(items) % (mini_batches * world_size()) == 0, "settings.check_training_settings checks --prompts-per-step"
     chunk = len(items) // mini_batches
     share = chunk // world_size()
     first = rank() * share

@@ -176,9 +176,8 @@ def test_reference_is_the_solutions_number_as_written(tmp_path):
     assert data.reward("so #### 72.5", data.reward_target(problems[1], "strict"), "strict") == 1.0
 
 
-def test_score_reports_rewards_and_both_accuracies():
+def test_score_reports_both_accuracies():
     s = data.score(["#### 3", "it is 3", "#### 4"], ["3", "3", "3"])
-    assert s.rewards == [1.0, 0.0, 0.0]
     assert s.correct == [True, False, False]
     assert s.flexible == [True, True, False]
 

@@ -469,7 +469,8 @@ def test_grpo_steps_raise_the_probability_of_the_rewarded_completion(setup):
         r = grpo.rollout(model, tok, prompts, 8, 3, cfg.temperature, generator=generator, adapter=adapter)
         rewards = (r.completions[:, 0] == target).float().reshape(2, 8)
         stats = grpo.grpo_update(model, r, rewards, optimizer, cfg, adapter)
-        assert stats.updates == 2 and math.isfinite(stats.loss)
+        assert math.isfinite(stats.loss)
+    assert all(int(state["step"]) == 2 * 25 for state in optimizer.state.values())  # 2 mini-batches a step
     after = first_token_probs()
     assert after[target] > max(0.3, 10 * before[target]), (before[target].item(), after[target].item())
 
@@ -480,8 +481,9 @@ def test_step_stats_summarise_the_batch(setup):
     r = grpo.rollout(model, tok, prompts, 4, 5, generator=torch.Generator().manual_seed(0), adapter=adapter)
     cfg = dataclasses.replace(grpo.GRPOConfig(), mini_batches=1, micro_batch_size=3)
     optimizer = torch.optim.SGD(adapter.parameters(), lr=0.0)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
     stats = grpo.grpo_update(model, r, [[1, 1, 1, 1], [0, 1, 0, 0]], optimizer, cfg, adapter)
-    assert stats.reward == pytest.approx(5 / 8)
     assert stats.zero_adv_groups == 0.5
-    assert stats.length == pytest.approx(r.lengths.float().mean().item())
-    assert stats.updates == 1 and stats.ratio == pytest.approx(1.0, abs=1e-6) and stats.grad_norm > 0
+    assert len(steps) == 1 and stats.clip_frac == 0 and stats.kl == 0 and stats.grad_norm > 0
+    assert math.isfinite(stats.loss)
