@@ -378,7 +378,7 @@ def clip_gradients(params, max_norm, loss):
 def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, sum_over_processes=None):
     """One GRPO step on a rollout batch and its rewards [P, G]: prepare it, then for each of
     cfg.ppo_epochs passes and each of cfg.mini_batches consecutive slices of prompts: zero_grad,
-    grpo_backward (normalised over that mini-batch), clip the gradient, optimizer step. With a single update the old policy is the current one: old_logp is not recomputed.
+    grpo_backward (normalised over that mini-batch), clip the gradient, optimizer step.
 
     Data parallelism (train.py under torchrun): each process passes its share of every mini-batch
     (whole groups) and `sum_over_processes`, which returns its argument (a number or a tensor)
@@ -387,7 +387,7 @@ def grpo_update(model, rollout, rewards, optimizer, cfg, adapter=None, sum_over_
     returned loss and grad_norm are the whole batch's, the other statistics this process's."""
     P, G = len(rollout.prompt_ids), rollout.num_samples
     prompts_per_step = math.ceil(P / cfg.mini_batches)
-    on_policy = cfg.ppo_epochs == 1 and prompts_per_step >= P  # one update: old policy = current policy
+    on_policy = cfg.ppo_epochs == 1 and prompts_per_step >= P  # one update: old policy = current, no old_logp
     batch = prepare_batch(model, rollout, rewards, cfg, adapter, with_old_logp=not on_policy)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     total = sum_over_processes or (lambda x: x)  # a single process holds the whole batch

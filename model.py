@@ -151,6 +151,48 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class KVCache:
+    """Pre-allocated keys/values for every layer: [B, Hkv, max_len, hd]. All rows share one write
+    position `length` (prompts are left-padded to a common length); `start[b]` marks row b's
+    first real token, so keys before it are never attended to. Also holds what every decoding
+    step would otherwise rebuild: the RoPE cos/sin of every slot, and which keys each row may see."""
+
+    def __init__(self, cfg: ModelConfig, batch, max_len, start, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.cfg = cfg
+        self.length = 0  # positions filled so far (same for every row)
+        self._set_rows(start, max_len)
+
+    def _set_rows(self, start, max_len):
+        self.start = start  # [B] left-pad counts
+        slots = torch.arange(max_len, device=start.device)
+        cos, sin = rope_cos_sin(slots[None], rope_frequencies(self.cfg, start.device), self.k[0].dtype)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]  # [max_len, hd], indexed by rope position
+        self.key_mask = (slots[None, :] >= start[:, None])[:, None, None]  # [B, 1, 1, max_len]: real tokens
+
+    def rope(self, positions):
+        """cos/sin for integer positions [B, T] -> [B, 1, T, hd] each, as rope_cos_sin gives them."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    def update(self, layer, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def repeat_interleave(self, n, max_len):
+        """Give every row n copies (G samples share one prefill) in a cache of max_len positions.
+        The prefill cache is just long enough for the prompts: the peak is one full-size cache."""
+        for kv in (self.k, self.v):
+            for layer, old in enumerate(kv):
+                new = old.new_zeros(old.shape[0] * n, old.shape[1], max_len, old.shape[3])
+                new.view(old.shape[0], n, *new.shape[1:])[:, :, :, :self.length] = old[:, None, :, :self.length]
+                kv[layer] = new  # the old layer is freed here, before the next one is copied
+        self._set_rows(self.start.repeat_interleave(n), max_len)
+
+
 class Transformer(nn.Module):
     """Qwen2ForCausalLM (LlamaForCausalLM, Qwen3ForCausalLM): `model(input_ids)` -> logits [B, T, vocab]."""
 
@@ -195,48 +237,6 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, start=None, cache=None):
         return self.lm_head(self.hidden_states(input_ids, start, cache))
-
-
-class KVCache:
-    """Pre-allocated keys/values for every layer: [B, Hkv, max_len, hd]. All rows share one write
-    position `length` (prompts are left-padded to a common length); `start[b]` marks row b's
-    first real token, so keys before it are never attended to. Also holds what every decoding
-    step would otherwise rebuild: the RoPE cos/sin of every slot, and which keys each row may see."""
-
-    def __init__(self, cfg: ModelConfig, batch, max_len, start, dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.cfg = cfg
-        self.length = 0  # positions filled so far (same for every row)
-        self._set_rows(start, max_len)
-
-    def _set_rows(self, start, max_len):
-        self.start = start  # [B] left-pad counts
-        slots = torch.arange(max_len, device=start.device)
-        cos, sin = rope_cos_sin(slots[None], rope_frequencies(self.cfg, start.device), self.k[0].dtype)
-        self.cos, self.sin = cos[0, 0], sin[0, 0]  # [max_len, hd], indexed by rope position
-        self.key_mask = (slots[None, :] >= start[:, None])[:, None, None]  # [B, 1, 1, max_len]: real tokens
-
-    def rope(self, positions):
-        """cos/sin for integer positions [B, T] -> [B, 1, T, hd] each, as rope_cos_sin gives them."""
-        return self.cos[positions][:, None], self.sin[positions][:, None]
-
-    def update(self, layer, k, v):
-        end = self.length + k.shape[2]
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def repeat_interleave(self, n, max_len):
-        """Give every row n copies (G samples share one prefill) in a cache of max_len positions.
-        The prefill cache is just long enough for the prompts: the peak is one full-size cache."""
-        for kv in (self.k, self.v):
-            for layer, old in enumerate(kv):
-                new = old.new_zeros(old.shape[0] * n, old.shape[1], max_len, old.shape[3])
-                new.view(old.shape[0], n, *new.shape[1:])[:, :, :, :self.length] = old[:, None, :, :self.length]
-                kv[layer] = new  # the old layer is freed here, before the next one is copied
-        self._set_rows(self.start.repeat_interleave(n), max_len)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,7 @@
 """Everything around a training run that is not the method: the processes of a torchrun launch,
 the run folder and the files written into it (atomically: a kill leaves the old file or the new
 one), the checkpoint, the progress lines of long phases, and the plot of the training curves.
-
-A run folder (--out) belongs to one process while it runs: an fcntl.flock on `.lock` in it (under
-torchrun, rank 0's); a second train.py on it is refused. A new run needs an empty or absent
-folder (runs/<date-time> by default; two runs started in the same second get a -2 suffix);
---overwrite starts a new run in a folder holding only a run's files (removed when the new run
-writes its first) and refuses a folder holding anything else.
+Who owns a run folder and what may be in it: `RunFolder`.
 """
 
 import fcntl

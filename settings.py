@@ -268,13 +268,17 @@ def check_training_settings(args):
     if unused:
         raise UsageError(f"{flag(unused[0])} is unused by --method {args.method} (it applies to "
                          f"{', '.join(METHOD_FLAGS[unused[0]])}); remove it")
-    names = {"r": "r", "u": "u", "n_tie": "n_tie", "tiling": "tiling", "seed": "proj_seed", "scale": "scale", "svd": "svd"}
     try:
-        ADAPTER(method=args.method, r=args.r, u=args.u, n_tie=1 if str(args.n_tie) == "all" else int(args.n_tie),
-                tiling=args.tiling, seed=args.proj_seed, scale=args.scale, svd=args.svd)
+        adapter_config(args)
     except ValueError as e:
         key = str(e).split(".", 1)[1].split("=", 1)[0]  # "TinyLoRAConfig.u=13: ..." -> u
-        raise UsageError(f"{named(args, names[key])}: {str(e).split(': ', 1)[1]}") from None
+        raise UsageError(f"{named(args, {'seed': 'proj_seed'}.get(key, key))}: {str(e).split(': ', 1)[1]}") from None
+
+
+def adapter_config(args, n_targets=1):
+    """The tinylora.TinyLoRAConfig the flags describe; --n-tie all = one group of all n_targets."""
+    return ADAPTER(method=args.method, r=args.r, u=args.u, n_tie=n_targets if str(args.n_tie) == "all" else int(args.n_tie),
+                   tiling=args.tiling, seed=args.proj_seed, scale=args.scale, svd=args.svd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -200,6 +200,19 @@ def tie_choices(layers, budget, targets=TARGETS, tiling="tiled", max_u=16):
 # switched off (the reference policy)
 
 
+def _outer_sum(B, A):
+    """B @ A [out, in] as r elementwise multiply-adds: bit-identical every time it runs, which
+    merge/unmerge rely on (a matmul may pick a different reduction order)."""
+    dW = torch.zeros(B.shape[0], A.shape[1], dtype=B.dtype, device=B.device)
+    for k in range(B.shape[1]):
+        dW.addcmul_(B[:, k, None], A[None, k, :])
+    return dW
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 class Adapter:
     """Lives beside the model: the trainable tensors, the frozen factors, one forward hook per
     target. Build it with `attach` or `load_adapter`; train `adapter.parameters()`."""
@@ -297,19 +310,6 @@ class Adapter:
         for t in self.targets:
             del t.linear._tinylora_adapter
             t.linear.weight.requires_grad_(False)
-
-
-def _outer_sum(B, A):
-    """B @ A [out, in] as r elementwise multiply-adds: bit-identical every time it runs, which
-    merge/unmerge rely on (a matmul may pick a different reduction order)."""
-    dW = torch.zeros(B.shape[0], A.shape[1], dtype=B.dtype, device=B.device)
-    for k in range(B.shape[1]):
-        dW.addcmul_(B[:, k, None], A[None, k, :])
-    return dW
-
-
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def attach(model, config=None, *, cache_dir=DEFAULT_CACHE_DIR, quiet=False):

@@ -84,8 +84,13 @@ def load_tokenizer(path):
     for name in ("generation_config.json", "config.json"):
         extra = os.path.join(path, name)
         if os.path.isfile(extra):
-            with open(extra) as f:
-                c = json.load(f)
+            try:
+                with open(extra) as f:
+                    c = json.load(f)
+            except ValueError as e:
+                raise CheckpointError(f"{extra}: not valid JSON ({e}); re-download it") from None
+            if not isinstance(c, dict):
+                raise CheckpointError(f"{extra}: expected a JSON object; re-download it")
             eos = c.get("eos_token_id")
             end_ids += [eos] if isinstance(eos, int) else list(eos or [])
             chat_format = CHAT_FORMATS.get(c.get("model_type"), chat_format)

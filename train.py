@@ -63,7 +63,7 @@ from runs import (Progress, RunFolder, StopRequest, UsageError, append_jsonl, cl
                   interrupted_line, join_processes, my_share, os_error_line, out_of_memory_line, plot_curves, rank,
                   read_before, read_checkpoint, read_log, restore_checkpoint, sampling_seeds, save_checkpoint,
                   sum_over_processes, world_size, write_json, write_jsonl)
-from settings import (DECODINGS, DEFAULTS, MAX_SCALE, SESSION_ONLY, check_inputs, named, parse_args, run_settings,
+from settings import (DECODINGS, MAX_SCALE, adapter_config, SESSION_ONLY, check_inputs, named, parse_args, run_settings,
                       total_steps)
 from tokenizer import load_tokenizer
 
@@ -387,14 +387,11 @@ def build(args):
 
 def make_adapter(net, args):
     """Attach the adapter the flags describe; --n-tie all = one group for every target module."""
-    n_tie = len(tinylora.find_targets(net)) if str(args.n_tie) == "all" else int(args.n_tie)
-    cfg = tinylora.TinyLoRAConfig(method=args.method, r=args.r, u=args.u, n_tie=n_tie, tiling=args.tiling,
-                                  seed=args.proj_seed, scale=args.scale, svd=args.svd)
+    cfg = adapter_config(args, len(tinylora.find_targets(net)))
     try:
         tinylora.plan(net, cfg)  # the adapter's shapes on this model: "n_tie=99 is more than the 14 target modules"
-    except ValueError as e:
-        name = {"seed": "proj_seed"}.get(str(e).split("=", 1)[0], str(e).split("=", 1)[0])
-        raise UsageError(f"{named(args, name)}: {e}" if name in DEFAULTS else str(e)) from None
+    except ValueError as e:  # "n_tie=..." or "r=...": the flag named
+        raise UsageError(f"{named(args, str(e).split('=', 1)[0])}: {e}") from None
     adapter, _ = first_on_each_machine(lambda: tinylora.attach(net, cfg, cache_dir=svd_cache(args), quiet=quiet_svd(net)))
     return adapter
 

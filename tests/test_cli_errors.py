@@ -139,7 +139,7 @@ def test_rewriting_a_log_is_atomic(run, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(train.os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.write_jsonl(str(run / "metrics.jsonl"), [])
+        runs.write_jsonl(str(run / "metrics.jsonl"), [])
     assert (run / "metrics.jsonl").read_text() == old
 
 
@@ -208,7 +208,7 @@ def test_saved_settings_are_checked_again_on_resume(run, capsys, change, names):
 def test_a_garbled_log_line_is_named_but_a_line_cut_short_is_dropped(run, capsys):
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss"')  # a kill while appending: dropped
-    assert len(train.read_log(str(run / "metrics.jsonl"), 5)) == 2
+    assert len(runs.read_log(str(run / "metrics.jsonl"), 5)) == 2
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(["{oops", *lines]) + "\n")
     refused(capsys, ["--resume", "--out", str(run)], "metrics.jsonl:1")
@@ -332,13 +332,13 @@ def test_training_flags_are_refused_by_eval_only(setup, tmp_path, capsys):  # no
 
 def test_switching_method_on_a_preset_just_works_and_a_preset_value_is_named():
     for method in ("lora", "full", "lora-xs"):
-        s = train.parse_args(["--method", method])
-        settings.check_settings(s)  # the toy preset's u = 13 and n_tie = all give way where they mean nothing
-        assert s.u == 1 and (s.n_tie == "all") == (method == "lora-xs")
-    s = train.parse_args(["--preset", "gsm8k-paper", "--model", "m", "--train-data", "t", "--eval-data", "e",
-                          "--prompts-per-step", "3"])
-    with pytest.raises(train.UsageError, match=r"--mini-batches 2 \(set by --preset gsm8k-paper\)"):
-        settings.check_settings(s)
+        args = settings.parse_args(["--method", method])
+        settings.check_settings(args)  # the toy preset's u = 13 and n_tie = all give way where they mean nothing
+        assert args.u == 1 and (args.n_tie == "all") == (method == "lora-xs")
+    args = settings.parse_args(["--preset", "gsm8k-paper", "--model", "m", "--train-data", "t", "--eval-data", "e",
+                                "--prompts-per-step", "3"])
+    with pytest.raises(runs.UsageError, match=r"--mini-batches 2 \(set by --preset gsm8k-paper\)"):
+        settings.check_settings(args)
 
 
 def test_resume_applies_steps_refuses_other_changes_and_rebuilds_a_damaged_before_json(run, capsys):

@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file
 
 import grpo
+import runs
 import train
 from test_train import _wait_for_lines
 
@@ -130,7 +131,7 @@ def test_each_process_takes_its_slice_of_every_mini_batch(world, parts, per_shar
     shares = []
     for rank in range(world):
         with mock.patch.dict(os.environ, {"WORLD_SIZE": str(world), "RANK": str(rank)}):
-            shares.append(train.my_share(batch, parts))
+            shares.append(runs.my_share(batch, parts))
     chunk = len(batch) // parts
     for m in range(parts):
         local = [share[m * per_share:(m + 1) * per_share] for share in shares]  # grpo_update's mini-batch m

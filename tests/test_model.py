@@ -275,3 +275,13 @@ def test_missing_or_broken_tokenizer_is_a_clear_error(tmp_path, tiny_ckpt):
     (path / "tokenizer.json").write_text("{}")
     with pytest.raises(M.CheckpointError, match="tokenizer.json: not a valid tokenizers file"):
         T.load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_a_broken_generation_config_is_a_clear_error(tmp_path, tiny_ckpt, text):
+    """The tokenizer reads the end ids of generation_config.json: a damaged one names the file."""
+    path = _broken(tmp_path, tiny_ckpt)
+    (path / "generation_config.json").write_text(text)
+    with pytest.raises(M.CheckpointError, match="generation_config.json: ") as err:
+        T.load_tokenizer(str(path))
+    assert "\n" not in str(err.value)

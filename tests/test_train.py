@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 import data
 import evaluation
 import grpo
-import tinylora
 import runs
 import settings
+import tinylora
 import train
 from conftest import write_checkpoint
 from model import load_model
@@ -82,8 +82,8 @@ def test_short_grpo_run_on_a_real_checkpoint_writes_every_output(setup, tmp_path
 def test_a_resumed_run_log_drops_the_steps_after_its_checkpoint(tmp_path):
     log = tmp_path / "samples.jsonl"
     log.write_text("".join(json.dumps({"step": step, "sample": 0}) + "\n" for step in (1, 1, 2, 3)))
-    assert train.read_log(str(log), 2) == [{"step": 1, "sample": 0}, {"step": 1, "sample": 0}, {"step": 2, "sample": 0}]
-    assert train.read_log(str(tmp_path / "absent.jsonl"), 2) == []  # a run made before the log existed
+    assert runs.read_log(str(log), 2) == [{"step": 1, "sample": 0}, {"step": 1, "sample": 0}, {"step": 2, "sample": 0}]
+    assert runs.read_log(str(tmp_path / "absent.jsonl"), 2) == []  # a run made before the log existed
 
 
 def test_training_time_adds_up_the_sessions_of_a_resumed_run():
@@ -92,10 +92,10 @@ def test_training_time_adds_up_the_sessions_of_a_resumed_run():
 
 
 def test_the_paper_preset_trains_with_the_authors_reward_and_the_default_with_the_lenient_one():
-    assert train.parse_args(["--preset", "gsm8k-paper", "--model", "m"]).reward == "paper"
-    assert train.parse_args(["--preset", "gsm8k-paper", "--model", "m", "--reward", "strict"]).reward == "strict"
-    assert train.parse_args([]).reward == "strict"  # the toy preset
-    assert train.parse_args(["--model", "m"]).reward == "strict"
+    assert settings.parse_args(["--preset", "gsm8k-paper", "--model", "m"]).reward == "paper"
+    assert settings.parse_args(["--preset", "gsm8k-paper", "--model", "m", "--reward", "strict"]).reward == "strict"
+    assert settings.parse_args([]).reward == "strict"  # the toy preset
+    assert settings.parse_args(["--model", "m"]).reward == "strict"
 
 
 def test_grpo_step_rewards_the_paper_rule_against_the_reference_as_written(monkeypatch):
@@ -113,8 +113,8 @@ def test_grpo_step_rewards_the_paper_rule_against_the_reference_as_written(monke
     problem = data.Problem("q", "2 x 36.25 = 72.50\n#### 72.50", "72.5")
     tok = SimpleNamespace(encode_chat=lambda user, system: [1, 2, 3])
     for reward in ("paper", "strict"):
-        s = train.parse_args(["--model", "m", "--reward", reward, "--samples", "4", "--prompts-per-step", "1"])
-        train.grpo_step(None, tok, None, None, [problem], s, step=0)
+        args = settings.parse_args(["--model", "m", "--reward", reward, "--samples", "4", "--prompts-per-step", "1"])
+        train.grpo_step(None, tok, None, None, [problem], args, step=0)
     assert rewards == [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
 
 
@@ -209,7 +209,7 @@ def test_a_kill_during_checkpoint_save_leaves_the_previous_one_readable(setup, t
     adapter = type("A", (), {"tensors": {"v": torch.ones(2)}})()
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(out / "checkpoint.safetensors"), adapter, optimizer, 9)
+        runs.save_checkpoint(str(out / "checkpoint.safetensors"), adapter, optimizer, 9)
     after = load_file(str(out / "checkpoint.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -289,7 +289,7 @@ def test_adapter_for_another_model_is_refused(setup, tmp_path, capsys):
 def test_curves_png_is_written_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is an optional extra: without it no curves.png is drawn")
     metrics = [{"step": i, "reward": 0.1 * i, "acc_strict": 0.1 * i, "acc_flexible": 0.1 * i} for i in range(1, 4)]
-    path = train.plot_curves(str(tmp_path), metrics)
+    path = runs.plot_curves(str(tmp_path), metrics)
     assert path == str(tmp_path / "curves.png") and open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -379,12 +379,12 @@ def test_completion_records_count_the_answer_formats_and_the_format_warning_read
                                                                           (None, False)]
     acc = data.accuracy(records)
     assert acc == {"strict": 0.25, "flexible": 0.75, "paper": 0.25, "formats": {"####": 0.5, "boxed": 0.5, "neither": 0.25}}
-    s = train.parse_args(["--model", "m", "--out", "run"])
-    assert evaluation.format_warning({"greedy": acc}, s) is None  # half the completions have '#### N'
+    args = settings.parse_args(["--model", "m", "--out", "run"])
+    assert evaluation.format_warning({"greedy": acc}, args) is None  # half the completions have '#### N'
     rare = {"greedy": {**acc, "formats": {"####": 0.04, "boxed": 0.9, "neither": 0.06}}}
-    assert evaluation.format_warning(rare, s).startswith("warning: the base model wrote '#### N', the answer format that "
-                                                    "--reward strict reads, in 4.0% of its completions")
-    assert evaluation.format_warning(rare, train.parse_args(["--model", "m", "--reward", "boxed"])) is None
+    assert evaluation.format_warning(rare, args).startswith("warning: the base model wrote '#### N', the answer format "
+                                                            "that --reward strict reads, in 4.0% of its completions")
+    assert evaluation.format_warning(rare, settings.parse_args(["--model", "m", "--reward", "boxed"])) is None
 
 
 def test_eval_decoding_chooses_greedy_or_sampled(setup, tmp_path, capsys):
@@ -421,7 +421,7 @@ def test_progress_on_a_terminal_is_one_line_redrawn_and_cleared(monkeypatch, cap
     monkeypatch.setattr(runs, "PROGRESS_EVERY", {True: 0.0, False: 0.0})
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     net = SimpleNamespace(model=SimpleNamespace(norm=torch.nn.Identity()))
-    with train.Progress(net, "evaluating", total=4) as progress:
+    with runs.Progress(net, "evaluating", total=4) as progress:
         net.model.norm(torch.zeros(2, 5, 3))  # a pass of 2 rows x 5 tokens
         progress.advance(2)
     printed = capsys.readouterr().out
@@ -458,14 +458,14 @@ def test_a_resume_gives_near_tied_columns_the_sign_they_had_in_training(setup, t
     t.U[0, 0], t.U[1, 0] = 0.7, -0.7  # a column whose two largest |entries| tie: anchored
     optimizer = torch.optim.Adam(adapter.parameters())
     path = str(tmp_path / "checkpoint.safetensors")
-    train.save_checkpoint(path, adapter, optimizer, 1)
+    runs.save_checkpoint(path, adapter, optimizer, 1)
     anchors = json.loads(safe_open(path, "pt").metadata()["sign_anchors"])
     assert [t.name, 0, 0] in anchors
     trained_u, trained_vh = t.U.clone(), t.Vh.clone()
     t.U, t.Vh = t.U.clone(), t.Vh.clone()
     t.U[:, 0], t.Vh[0] = -t.U[:, 0], -t.Vh[0]  # what another machine's SVD may hand back
-    step, tensors, anchors = train.read_checkpoint(path, None, 10)
-    train.restore_checkpoint(path, tensors, anchors, adapter, optimizer)
+    step, tensors, anchors = runs.read_checkpoint(path, None, 10)
+    runs.restore_checkpoint(path, tensors, anchors, adapter, optimizer)
     assert torch.equal(t.U, trained_u) and torch.equal(t.Vh, trained_vh)
 
 
