@@ -49,9 +49,19 @@ TRAIN_DATA = os.path.join(ROOT, "toy", "data", "train.jsonl")
 # PROBE_LAST steps: the accuracy of sampled (T = 1) completions on training problems, what GRPO
 # optimises; the held-out set plays no part (a tie goes to the smaller rate). SFT uses the size's
 # GRPO rate, so the two differ in the objective alone; the tiling and rank points use the rate of
-# the size they are closest to. The measured table: docs/results.md.
-LRS = {"tinylora-u1-tied": 1e-3, "tinylora-u13-tied": 1e-3, "tinylora-u1": 1e-2, "tinylora-u13": 1e-4,
-       "lora-xs-r2": 1e-3, "lora-xs-r16": 1e-4, "lora-r1": 1e-2, "lora-r8": 1e-3, "full": 1e-4}
+# the size they are closest to. Measured with `python sweep.py --probe-lr --out /tmp/probe3`:
+#   size               1e-4  2e-4  5e-4  1e-3  2e-3  5e-3  1e-2  2e-2  5e-2  1e-1
+#   tinylora-u1-tied   .458  .466  .472  .477  .473  .477  .473  .473  .469  .464
+#   tinylora-u13-tied  .471  .487  .504  .505  .501  .502  .491  .466  .460  .006
+#   tinylora-u1        .459  .466  .473  .495  .520  .539  .552  .552  .537  .541
+#   tinylora-u13       .516  .564  .645  .683  .688  .701  .677  .566  .000  .000
+#   lora-xs-r2         .473  .483  .518  .573  .641  .698  .708  .698  .650  .007
+#   lora-xs-r16        .779  .847  .882  .892  .875  .772  .014  .000  .000  .004
+#   lora-r1            .514  .608  .848  .871  .880  .884  .879  .813  .000  .000
+#   lora-r8            .773  .864  .875  .893  .885  .816  .597  .000  .000  .000
+#   full               .902  .852  .709  .013  .000  .000  .002  .000  .001  .000
+LRS = {"tinylora-u1-tied": 1e-3, "tinylora-u13-tied": 1e-3, "tinylora-u1": 1e-2, "tinylora-u13": 5e-3,
+       "lora-xs-r2": 1e-2, "lora-xs-r16": 1e-3, "lora-r1": 5e-3, "lora-r8": 1e-3, "full": 1e-4}
 PROBE_LRS = [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
 PROBE_LAST = 10
 
