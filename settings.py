@@ -54,6 +54,7 @@ SETTINGS = {
         "r": (ADAPTER.r, int, "rank of the frozen SVD subspace (LoRA: the LoRA rank)"),
         "u": (ADAPTER.u, int, "TinyLoRA: trainable numbers per tie group"),
         "n_tie": ("1", str, "modules sharing one trainable vector; 'all' = one vector for the whole model"),
+        "targets": (",".join(ADAPTER.targets), str, "module types adapted in every layer, comma-separated"),
         "tiling": (ADAPTER.tiling, tinylora.TILINGS, "tie neighbours in depth (tiled) or same-type modules (structured)"),
         "proj_seed": (ADAPTER.seed, int, "seed of the fixed random projections P"),
         "scale": (ADAPTER.scale, float, "multiplier on the adapter's update"),
@@ -123,7 +124,7 @@ RETIRED = ("keep_probs",)  # settings of older versions, ignored in an args.json
 GRPO_ONLY = ("samples", "temperature", "top_p", "clip_low", "clip_high", "tis_cap", "kl_beta", "agg", "adv_scale",
              "reward", "mini_batches")
 TRAINING_ONLY = ("train_data", "algo", "sft_field", "lr", "steps", "epochs", "prompts_per_step", "weight_decay", "warmup",
-                 "max_grad_norm", "save_every", "micro_batch", "method", "r", "u", "n_tie", "tiling", "proj_seed",
+                 "max_grad_norm", "save_every", "micro_batch", "method", "r", "u", "n_tie", "targets", "tiling", "proj_seed",
                  "scale", "svd", "adapter_dtype", *GRPO_ONLY)
 METHOD_FLAGS = {"r": ("tinylora", "lora-xs", "lora"), "scale": ("tinylora", "lora-xs", "lora"),  # the methods using
                 "svd": ("tinylora", "lora-xs"), "tiling": ("tinylora", "lora-xs"), "proj_seed": ("tinylora", "lora")}  # them
@@ -278,7 +279,8 @@ def check_training_settings(args):
 def adapter_config(args, n_targets=1):
     """The tinylora.TinyLoRAConfig the flags describe; --n-tie all = one group of all n_targets."""
     return ADAPTER(method=args.method, r=args.r, u=args.u, n_tie=n_targets if str(args.n_tie) == "all" else int(args.n_tie),
-                   tiling=args.tiling, seed=args.proj_seed, scale=args.scale, svd=args.svd)
+                   tiling=args.tiling, seed=args.proj_seed, scale=args.scale, svd=args.svd,
+                   targets=tuple(args.targets.split(",")))
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,8 +63,8 @@ from runs import (Progress, RunFolder, StopRequest, UsageError, append_jsonl, cl
                   interrupted_line, join_processes, my_share, os_error_line, out_of_memory_line, plot_curves, rank,
                   read_before, read_checkpoint, read_log, restore_checkpoint, sampling_seeds, save_checkpoint,
                   sum_over_processes, world_size, write_json, write_jsonl)
-from settings import (DECODINGS, MAX_SCALE, adapter_config, SESSION_ONLY, check_inputs, named, parse_args, run_settings,
-                      total_steps)
+from settings import (DECODINGS, DEFAULTS, MAX_SCALE, SESSION_ONLY, adapter_config, check_inputs, named, parse_args,
+                      run_settings, total_steps)
 from tokenizer import load_tokenizer
 
 
@@ -164,7 +164,8 @@ def train(args, folder, state, net, tok, train_set, test_set):
     """The training run, from the step of `state` (read_run_state) -> exit code."""
     adapter = make_adapter(net, args)
     processes = f" x {world_size()} processes" if world_size() > 1 else ""
-    print(f"model {args.model} | {args.method} r={args.r} u={args.u} n_tie={args.n_tie} {args.tiling} | "
+    targets = "" if args.targets == DEFAULTS["targets"] else f" targets={args.targets}"
+    print(f"model {args.model} | {args.method} r={args.r} u={args.u} n_tie={args.n_tie} {args.tiling}{targets} | "
           f"trainable parameters: {adapter.num_trainable:,} | device {args.device}{processes}", flush=True)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = total_steps(args, len(train_set))
@@ -387,7 +388,7 @@ def build(args):
 
 def make_adapter(net, args):
     """Attach the adapter the flags describe; --n-tie all = one group for every target module."""
-    cfg = adapter_config(args, len(tinylora.find_targets(net)))
+    cfg = adapter_config(args, len(tinylora.find_targets(net, adapter_config(args).targets)))
     try:
         tinylora.plan(net, cfg)  # the adapter's shapes on this model: "n_tie=99 is more than the 14 target modules"
     except ValueError as e:  # "n_tie=..." or "r=...": the flag named

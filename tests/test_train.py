@@ -310,10 +310,10 @@ def test_help_shows_every_default_and_the_presets(capsys):
     with pytest.raises(SystemExit):
         settings.parse_args(["--help"])
     out = capsys.readouterr().out
-    text = " ".join(out.split())
+    text = "".join(out.split())  # argparse wraps long values anywhere
     for name, (default, kind, _) in settings.SPEC.items():
         if default is not None and kind is not bool:
-            assert f"(default: {default})" in text, name
+            assert "".join(f"(default: {default})".split()) in text, name
     lines = {line.split(":")[0].strip(): line for line in out.splitlines() if ":" in line}
     for name, preset in settings.PRESETS.items():
         assert all(f"{settings.flag(k)} " in lines[name] for k in preset), name
@@ -484,3 +484,17 @@ def test_the_paper_preset_reports_the_paper_rule_accuracy(setup, tmp_path, capsy
     assert 0 <= summary["after"]["greedy"]["paper"] <= 1
     assert train.main(tiny_args(setup, tmp_path / "lenient")) == 0  # the default reward: no paper column
     assert " paper " not in capsys.readouterr().out.split("\nbefore ")[1].splitlines()[0]
+
+
+def test_targets_flag_adapts_only_the_named_module_types(setup, tmp_path, capsys):
+    """--targets picks the module types of every layer; --n-tie all ties just those, and the
+    adapter file records them (load_adapter rebuilds the same modules)."""
+    out = tmp_path / "mlp"
+    args = [a for a in tiny_args(setup, out, "--steps", "1", "--eval-limit", "1")]
+    args[args.index("--n-tie") + 1] = "all"
+    assert train.main([*args, "--targets", "gate_proj,up_proj,down_proj"]) == 0
+    assert "trainable parameters: 2 " in capsys.readouterr().out  # u = 2, one vector for the MLPs
+    with safe_open(str(out / "adapter.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["targets"] == ["gate_proj", "up_proj", "down_proj"]
+    code = train.main([*tiny_args(setup, tmp_path / "bad"), "--targets", "q_proj,mlp"])
+    assert code == 2 and "--targets q_proj,mlp" in capsys.readouterr().err
