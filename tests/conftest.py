@@ -69,3 +69,12 @@ def tiny_ckpt(tmp_path_factory):
     """(path, hf_model) of a 2-layer untied random checkpoint, shared by the whole session."""
     path = str(tmp_path_factory.mktemp("tiny"))
     return path, write_checkpoint(path)
+
+
+def assert_greedy_matches_transformers(path, hf, prompt, n=20):
+    """n greedy tokens of our model (loaded from path) equal transformers' generate on `hf`."""
+    import model as M
+    out = M.generate(M.load_model(path, device="cpu"), [prompt], max_new_tokens=n, end_ids=[], pad_id=0, temperature=0)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    assert out.tokens[0].tolist() == ref[0, len(prompt):].tolist()

@@ -13,7 +13,7 @@ import torch
 import model as M
 import tokenizer as T
 import tinylora
-from conftest import write_tokenizer
+from conftest import assert_greedy_matches_transformers, write_tokenizer
 from tinylora import TinyLoRAConfig
 
 SPECIALS = {"llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
@@ -107,12 +107,7 @@ def test_left_padded_logits_match_transformers(checkpoint):
 
 def test_greedy_20_tokens_equal_transformers_generate(checkpoint):
     path, _, hf = checkpoint
-    ours = M.load_model(path, device="cpu")
-    prompt = [6, 20, 30, 40, 50, 60]
-    out = M.generate(ours, [prompt], max_new_tokens=20, end_ids=[], pad_id=0, temperature=0)
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    assert out.tokens[0].tolist() == ref[0, len(prompt):].tolist()
+    assert_greedy_matches_transformers(path, hf, [6, 20, 30, 40, 50, 60])
 
 
 @pytest.mark.parametrize("system", [None, "Be brief. "])

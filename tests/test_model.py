@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import model as M
 import tokenizer as T
-from conftest import write_checkpoint
+from conftest import assert_greedy_matches_transformers, write_checkpoint
 
 
 def _logits_both(path, hf, ids):
@@ -60,12 +60,7 @@ def test_left_padded_logits_match_transformers_with_attention_mask(tiny_ckpt):
 
 def test_greedy_20_tokens_equal_transformers_generate(tiny_ckpt):
     path, hf = tiny_ckpt
-    ours = M.load_model(path, device="cpu")
-    prompt = [1, 20, 30, 40, 50, 60]
-    out = M.generate(ours, [prompt], max_new_tokens=20, end_ids=[], pad_id=0, temperature=0)
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                      eos_token_id=None, pad_token_id=0)
-    assert out.tokens[0].tolist() == ref[0, len(prompt):].tolist()
+    assert_greedy_matches_transformers(path, hf, [1, 20, 30, 40, 50, 60])
 
 
 def test_kv_cache_decoding_equals_full_forward_every_step(tiny_ckpt):
