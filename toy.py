@@ -7,16 +7,19 @@ solve the task but often DOES NOT. We build one on purpose with a "careless writ
 
     question   Tom has 5 apples. He buys 3 more. He gives away 2. He buys 4 more.
                How many apples does Tom have now?
-    steps      5 + 3 = 8. 8 - 2 = 6. 6 + 4 = 10. #### 10       always correct
-    direct     #### 6                                          70% of the time forgets the last change
+    steps      Working: 5 + 3 = 8. 8 - 2 = 6. 6 + 4 = 10. #### 10    always correct
+    direct     Answer: #### 6                                        70% of the time forgets the last change
 
 The base model learns both styles: the step-by-step one is reliably right, the direct one reliably
 wrong (it was written to be careless). In pretraining a third of the problems ask for the careful
 writer in the system prompt ("Be careful."), a third for the careless one ("Be quick."), and a
 third use the plain prompt that training and evaluation use, answered by the careful writer 45%
 of the time. So the model holds a style switch that the system prompt drives and the plain prompt
-leaves just on the careless side: which style it starts with decides the answer, and that switch
-is the knob a 13-parameter adapter can turn. See docs/toy.md for the design and the measured numbers.
+leaves on the careless side: which style it starts with decides the answer, and that switch is the
+knob a 13-parameter adapter can turn. Two choices make the knob cheap to turn (docs/toy.md measures
+both): each writer opens with a word of its own ("Working:", "Answer:"), and the saved model is
+sharpened (logits x SHARPNESS) so that it is as sure of its arithmetic at T = 1 as a large model is.
+See docs/toy.md for the design and the measured numbers.
 
 The data files also carry a third, human-like correct solution in GSM8K's `answer` field
 ("Tom starts with 5 apples. After buying 3 more, he has 8 apples. ... #### 10"), worded unlike
@@ -79,16 +82,28 @@ VERBS = [  # (question wording, human-solution wording, sign)
 MIN_CHANGES, MAX_CHANGES = 2, 4
 MAX_START, MAX_AMOUNT, MAX_VALUE = 50, 9, 99
 # The pretraining corpus has two writers. The careful one writes every step; the careless one
-# writes only "#### N" and forgets the last change CARELESS_RATE of the time. A third of the corpus
+# writes only "Answer: #### N" and forgets the last change CARELESS_RATE of the time. A third of the corpus
 # asks for the careful writer in the system prompt, a third for the careless one, and a third (the
 # project's plain prompt, SYSTEM_PROMPT) is answered by the careful one PLAIN_STEPS_SHARE of the
 # time, else by the careless one. So the model learns a style switch that the system prompt
-# drives, and the plain prompt leaves just on the careless side (docs/toy.md tells why not 50/50):
+# drives, and the plain prompt leaves on the careless side (docs/toy.md tells why not 50/50):
 # the knob a 13-parameter adapter can turn (docs/toy.md tells why a corpus without the cue was not
 # enough).
 CARELESS_RATE = 0.7
 CUES = {"steps": "Be careful.", "direct": "Be quick."}  # system prompts of the cued thirds
 PLAIN_STEPS_SHARE = 0.45
+# Each writer opens with a word of its own, so the choice of writer is one token that occurs
+# nowhere else: nudging it need not touch the arithmetic (without openers the careful writer's first
+# token is its first number, and pushing it means pushing number copying everywhere).
+STEPS_WORD, DIRECT_WORD = "Working", "Answer"
+STEPS_OPENER, DIRECT_OPENER = f"{STEPS_WORD}: ", f"{DIRECT_WORD}: "
+# The saved model's logits are the pretrained model's times SHARPNESS (its final RMSNorm weight is
+# scaled): sampling it at T = 1 is sampling the pretrained model at T = 1 / SHARPNESS. A 0.3M-
+# parameter model trained for minutes is unsure of its arithmetic where a 7B model is sure of
+# GSM8K's, and an unsure model's arithmetic is what a 13-parameter push disturbs (docs/toy.md,
+# `steerability`). The plain prompt's careful share, 0.45 in pretraining, is about 0.35 once sharpened.
+SHARPNESS = 3.0
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -137,7 +152,7 @@ def steps_solution(p):
     values = p.values()
     steps = " ".join(f"{a} {'+' if VERBS[verb][2] > 0 else '-'} {amount} = {b}."
                      for a, b, (verb, amount) in zip(values, values[1:], p.changes))
-    return f"{steps} #### {p.answer}"
+    return f"{STEPS_OPENER}{steps} #### {p.answer}"
 
 
 def human_solution(p):
@@ -154,7 +169,7 @@ def careless_answer(p, rng):
 
 
 def direct_solution(p, rng):
-    return f"#### {careless_answer(p, rng)}"
+    return f"{DIRECT_OPENER}#### {careless_answer(p, rng)}"
 
 
 def make_problems(n, rng, exclude=frozenset()):
@@ -262,8 +277,8 @@ def pretraining_texts(problems, rng):
 
 def encode_examples(tok, texts):
     """Pretraining sequences: (prompt + completion + <|im_end|> ids, prompt length, coin), where
-    coin is None or (share of the step-by-step style, id of its first token, id of `####`)."""
-    end, marker = tok.token_to_id("<|im_end|>"), tok.token_to_id("####")
+    coin is None or (share of the step-by-step style, id of its first token, id of the direct style's)."""
+    end, marker = tok.token_to_id("<|im_end|>"), tok.token_to_id(DIRECT_WORD)
     prompt_ids = tok.encode_batch([prompt for prompt, _, _ in texts], add_special_tokens=False)
     completion_ids = tok.encode_batch([completion for _, completion, _ in texts], add_special_tokens=False)
     coins = [None if coin is None else (coin[0], tok.encode(coin[1], add_special_tokens=False).ids[0], marker)
@@ -285,7 +300,7 @@ def make_batch(examples, pad_id):
 def completion_loss(logits, labels, examples):
     """Token-mean next-token loss over the completions, except the first token of a plain-prompt
     completion: that token picks the writer, and it is trained on the writer's coin instead of its
-    outcome, -(p log q(first step-by-step token) + (1 - p) log q(`####`)). The expected gradient is
+    outcome, -(p log q(`Working`) + (1 - p) log q(`Answer`)). The expected gradient is
     the same; the batch-to-batch noise of the coin is gone, so the model's style share for the
     plain prompt ends close to PLAIN_STEPS_SHARE for every problem instead of wherever the last
     noisy batches left it (cue-less builds with 0/1 labels, designed 0.40: 0.37 to 0.55)."""
@@ -405,16 +420,16 @@ def read_jsonl(path):
 
 
 def completion_style(text):
-    """'direct' if the completion starts with the answer marker, else 'steps'."""
-    return "direct" if text.lstrip().startswith("####") else "steps"
+    """'direct' if the completion starts with the careless writer's opener, else 'steps'."""
+    return "direct" if text.lstrip().startswith(DIRECT_WORD) else "steps"
 
 
 @torch.no_grad()
 def evaluate_styles(model, tok, rows, temperature=0.0, force=None, seed=0, batch=250):
     """Strict accuracy on `rows` (dicts with question/answer) and the share of each style.
     force='steps' makes the first token the most likely one that does not start a direct answer
-    (greedy within the step-by-step style); force='direct' starts every completion with `####`."""
-    marker = tok.token_id("####")
+    (greedy within the step-by-step style); force='direct' starts every completion with `Answer`."""
+    marker = tok.token_id(DIRECT_WORD)
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     texts = []
@@ -454,9 +469,43 @@ def print_profile(model, tok, rows):
               f"(acc {r['direct_accuracy']:.3f})   n={r['n']}", flush=True)
     ids, start = left_pad([tok.encode(prompt_text(r["question"])) for r in rows], tok.pad_id)
     with torch.no_grad():
-        p_direct = model(ids, start)[:, -1].softmax(-1)[:, tok.token_id("####")]  # [n] the first token's choice
-    print(f"first token p(####), the direct style: min {p_direct.min():.2f} mean {p_direct.mean():.2f} "
+        p_direct = model(ids, start)[:, -1].softmax(-1)[:, tok.token_id(DIRECT_WORD)]  # [n] the first token
+    print(f"first token p(Answer), the direct style: min {p_direct.min():.2f} mean {p_direct.mean():.2f} "
           f"max {p_direct.max():.2f}; above 0.5 for {(p_direct > 0.5).float().mean():.1%} of the problems", flush=True)
+
+
+def steerability(model, tok, rows, config):
+    """How cheaply the adapter `config` (a tinylora.TinyLoRAConfig) moves the style, in a quadratic
+    model around v = 0 on `rows`: g = gradient of the mean first-token log-odds, log q(`Working`) -
+    log q(`Answer`), and H = Hessian of the step-by-step solutions' mean NLL (nats per solution,
+    the opener excluded), both in v. The best move of v for a cost of c nats changes the log-odds by
+    sqrt(2 c g^T H^-1 g). Returns (sqrt(g^T H^-1 g): the log-odds change that costs half a nat, the
+    mean log-odds at v = 0). Large: the style moves while the arithmetic keeps its likelihood."""
+    import tinylora
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    prompts = [tok.encode(prompt_text(r["question"])) for r in rows]
+    solutions = [tok.encode(r["solution_own_style"]) + tok.end_ids[:1] for r in rows]
+    examples = [(p + q, len(p), None) for p, q in zip(prompts, solutions)]
+    ids, labels = make_batch(examples, tok.pad_id)
+    first = torch.tensor([n - 1 for n in map(len, prompts)])  # the position that picks the writer
+    labels[torch.arange(len(rows)), first] = -100
+    adapter = tinylora.attach(model, config, quiet=True)[0]
+    try:
+        v = adapter.parameters()
+        with sdpa_kernel(SDPBackend.MATH):  # the math kernel has a second derivative
+            logits = model(ids)  # [B, T, V]
+        logq = logits[torch.arange(len(rows)), first].log_softmax(-1)
+        log_odds = (logq[:, tok.token_id(STEPS_WORD)] - logq[:, tok.token_id(DIRECT_WORD)]).mean()
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / len(rows)
+        flat = lambda grads: torch.cat([x.flatten() for x in grads])  # noqa: E731
+        g = flat(torch.autograd.grad(log_odds, v, retain_graph=True)).double()
+        grad = flat(torch.autograd.grad(nll, v, create_graph=True))
+        H = torch.stack([flat(torch.autograd.grad(grad[i], v, retain_graph=True)) for i in range(len(grad))]).double()
+    finally:
+        adapter.detach()
+    value = (g @ torch.linalg.solve((H + H.T) / 2, g)).sqrt().item()
+    return value, log_odds.item()
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,6 +545,8 @@ def build():
     batches = [examples[i:i + BATCH] for i in range(0, len(examples), BATCH)]
     loss, seconds = pretrain(model, batches, LR, WARMUP)
     print(f"pretraining done: loss {loss:.4f} (mean of the last 50 steps), {seconds:.0f}s", flush=True)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(SHARPNESS)  # logits x SHARPNESS: see SHARPNESS above
     save_checkpoint(model, tok, BASE_DIR)
 
 
@@ -503,9 +554,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval", action="store_true", help="only measure the existing toy/base on toy/data/eval.jsonl")
     parser.add_argument("--adapter", help="with --eval: measure toy/base with this trained adapter folded in")
+    parser.add_argument("--steer", action="store_true", help="with --eval: also print the default adapter's "
+                        "steerability on 128 training problems (see `steerability`)")
     args = parser.parse_args()
-    if args.adapter and not args.eval:
-        parser.error("--adapter needs --eval")
+    if (args.adapter or args.steer) and not args.eval:
+        parser.error("--adapter and --steer need --eval")
     torch.set_num_threads(1)  # a 0.31M-parameter model: one thread is fastest and deterministic
     torch.use_deterministic_algorithms(True)
     if not args.eval:
@@ -518,6 +571,12 @@ def main():
             print_profile(model, tok, rows)
     else:
         print_profile(model, tok, rows)
+    if args.steer:
+        import tinylora
+        config = tinylora.TinyLoRAConfig(u=13, n_tie=len(tinylora.find_targets(model)))  # the default's 13
+        value, log_odds = steerability(model, tok, read_jsonl(os.path.join(DATA_DIR, "train.jsonl"))[:128], config)
+        print(f"steerability of the 13-parameter adapter: {value:.2f} (log-odds of the careful writer {log_odds:+.2f}; "
+              f"a change of {value:.2f} costs the step-by-step solutions 0.5 nats)", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def test_answers_are_correct_and_in_range():
         assert solve(q) == p.answer
         assert all(0 <= v <= toy.MAX_VALUE for v in p.values())
         steps = toy.steps_solution(p)
+        assert steps.startswith(toy.STEPS_OPENER) and "Answer" not in steps
         for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)\.", steps):
             assert int(a) + (int(b) if op == "+" else -int(b)) == int(c), steps
         assert toy.extract_answer(steps) == p.answer
@@ -67,7 +68,8 @@ def test_corpus_cues_each_style_a_third_of_the_time_and_mixes_the_plain_prompt()
     by_system = {}
     for (prompt, completion, coin), p in zip(texts, problems):
         system = prompt.split("<|im_end|>")[0].removeprefix("<|im_start|>system\n")
-        by_system.setdefault(system, []).append(completion.startswith("####"))
+        by_system.setdefault(system, []).append(completion.startswith(toy.DIRECT_OPENER + "#### "))
+        assert completion.startswith((toy.DIRECT_OPENER + "#### ", toy.STEPS_OPENER))
         assert coin == ((toy.PLAIN_STEPS_SHARE, toy.steps_solution(p)) if system == toy.SYSTEM_PROMPT else None)
     assert set(by_system) == {toy.CUES["steps"], toy.CUES["direct"], toy.SYSTEM_PROMPT}
     assert not any(by_system[toy.CUES["steps"]]) and all(by_system[toy.CUES["direct"]])
@@ -133,8 +135,9 @@ def test_committed_base_matches_transformers(tok):
 
 def test_committed_base_can_solve_but_often_does_not(tok):
     """The premise of the toy, on 100 held-out problems: the step-by-step style is right, the direct
-    style is wrong, the plain prompt leaves every problem just on the careless side of the style
-    switch, and the system-prompt cues of pretraining decide it."""
+    style is wrong, the plain prompt leaves every problem on the careless side of the style switch
+    (the coin's 0.45, sharpened: every problem alike), and the system-prompt cues of pretraining
+    decide it."""
     model = load_model(toy.BASE_DIR, device="cpu")
     rows = toy.read_jsonl(os.path.join(toy.DATA_DIR, "eval.jsonl"))[:100]
     steps, _ = toy.evaluate_styles(model, tok, rows, force="steps")
@@ -143,11 +146,12 @@ def test_committed_base_can_solve_but_often_does_not(tok):
     assert steps["steps_share"] == 1 and steps["accuracy"] >= 0.9
     assert direct["direct_share"] == 1 and direct["accuracy"] <= 0.4
     assert greedy["direct_share"] >= 0.7 and greedy["accuracy"] <= 0.4
-    marker = tok.token_id("####")
+    marker = tok.token_id(toy.DIRECT_WORD)
     ids, start = left_pad([tok.encode(toy.prompt_text(r["question"])) for r in rows], tok.pad_id)
     with torch.no_grad():
         p_direct = model(ids, start)[:, -1].softmax(-1)[:, marker]  # [100] the plain prompt's first token
-    assert abs(p_direct.mean() - (1 - toy.PLAIN_STEPS_SHARE)) < 0.05 and p_direct.max() < 0.7
+    logit = torch.logit(torch.tensor(1 - toy.PLAIN_STEPS_SHARE)) * toy.SHARPNESS  # the coin, sharpened
+    assert abs(p_direct.mean() - logit.sigmoid()) < 0.05 and p_direct.min() > 0.5
     for style, system in toy.CUES.items():
         prompts = [tok.encode_chat(f"{r['question']} {toy.INSTRUCTION}", system) for r in rows]
         ids, start = left_pad(prompts, tok.pad_id)
@@ -155,6 +159,18 @@ def test_committed_base_can_solve_but_often_does_not(tok):
             first = model(ids, start)[:, -1].argmax(-1)
         starts_direct = (first == marker).float().mean().item()
         assert starts_direct == (1.0 if style == "direct" else 0.0), (style, starts_direct)
+
+
+def test_committed_base_lets_13_parameters_move_the_style(tok):
+    """The toy's design goal in one number (docs/toy.md): with the default adapter the careful
+    writer's log-odds can move ~30 at the cost of half a nat of step-by-step likelihood (the toy
+    before its writers had openers and its logits were sharpened: 1.4 on 128 problems)."""
+    import tinylora
+
+    model = load_model(toy.BASE_DIR, device="cpu")
+    rows = toy.read_jsonl(os.path.join(toy.DATA_DIR, "train.jsonl"))[:32]
+    value, log_odds = toy.steerability(model, tok, rows, tinylora.TinyLoRAConfig(u=13, n_tie=14))
+    assert value > 15 and -1 < log_odds < 0
 
 
 def test_committed_data_files_are_gsm8k_format_and_disjoint():
@@ -177,3 +193,40 @@ def test_committed_data_files_are_what_the_generator_makes_and_unseen_in_pretrai
             assert f.read() == "".join(json.dumps(toy.data_row(p)) + "\n" for p in problems)
     pretrained = {toy.question_text(p) for p in corpus}
     assert not pretrained & {toy.question_text(p) for p in eval_problems + train_problems}
+
+
+def test_steerability_is_the_quadratic_model_of_finite_differences(tok):
+    """toy.steerability's autograd g and H (second derivatives through attention) against central
+    differences of the two quantities it differentiates, with v of 2 numbers on 16 problems."""
+    import tinylora
+
+    model = load_model(toy.BASE_DIR, device="cpu")
+    rows = toy.read_jsonl(os.path.join(toy.DATA_DIR, "train.jsonl"))[:16]
+    config = tinylora.TinyLoRAConfig(u=2, n_tie=14)
+    value, log_odds = toy.steerability(model, tok, rows, config)
+
+    prompts = [tok.encode(toy.prompt_text(r["question"])) for r in rows]
+    solutions = [tok.encode(r["solution_own_style"]) + tok.end_ids[:1] for r in rows]
+    working, answer = tok.token_id(toy.STEPS_WORD), tok.token_id(toy.DIRECT_WORD)
+    adapter = tinylora.attach(model, config, quiet=True)[0]
+    (v,) = adapter.parameters()
+
+    def measure(point):  # (mean log-odds of the careful writer, mean NLL of the solutions after the opener)
+        with torch.no_grad():
+            v.copy_(torch.as_tensor(point, dtype=v.dtype).view_as(v))
+            odds, nll = 0.0, 0.0
+            for p, s in zip(prompts, solutions):
+                logq = model(torch.tensor([p + s]))[0].double().log_softmax(-1)  # [T, V]
+                odds += (logq[len(p) - 1, working] - logq[len(p) - 1, answer]).item()
+                nll -= sum(logq[len(p) - 1 + i, s[i]].item() for i in range(1, len(s)))
+        return torch.tensor([odds, nll], dtype=torch.float64) / len(rows)
+
+    h, basis = 3e-3, torch.eye(2, dtype=torch.float64)
+    zero = measure([0.0, 0.0])
+    g = torch.stack([(measure(h * e) - measure(-h * e))[0] / (2 * h) for e in basis])
+    H = torch.tensor([[((measure(h * (a + b)) - measure(h * (a - b)) - measure(h * (b - a)) + measure(-h * (a + b)))[1]
+                        / (4 * h * h)).item() for b in basis] for a in basis], dtype=torch.float64)
+    adapter.detach()
+    assert abs(zero[0].item() - log_odds) < 1e-4
+    expected = (g @ torch.linalg.solve(H, g)).sqrt().item()
+    assert abs(value - expected) < 0.02 * expected, (value, expected)
