@@ -326,11 +326,11 @@ def report(args, adapter, adapter_path, total, before, after, metrics):
     file_bytes, param_bytes = tinylora.adapter_size(adapter_path)
     print(accuracy_line("before", before, args))
     print(accuracy_line("after", after, args))
-    decoding = next(iter(after))  # greedy, unless --eval-decoding sampled
-    rule = "paper" if args.reward == "paper" and "paper" in before[decoding] else "strict"  # the paper's own number
-    gain = after[decoding][rule] - before[decoding][rule]
-    print(f"{decoding} {rule} accuracy {before[decoding][rule]:.3f} -> {after[decoding][rule]:.3f} "
-          f"({100 * gain:+.1f} points) with {adapter.num_trainable:,} trained parameters")
+    rule = "paper" if args.reward == "paper" and "paper" in next(iter(before.values())) else "strict"  # the paper's own
+    gains = [f"{decoding} {before[decoding][rule]:.3f} -> {after[decoding][rule]:.3f} "  # sampled: what the reward sees
+             f"({100 * (after[decoding][rule] - before[decoding][rule]):+.1f} points)" for decoding in after]
+    n = adapter.num_trainable
+    print(f"{rule} accuracy with {n:,} trained parameter{'s' * (n != 1)}: {', '.join(gains)}")
     print(f"adapter: {adapter_path} ({file_bytes:,} bytes on disk, {param_bytes:,} bytes of parameters)")
     summary = {"command": args.command, "resumes": args.resumes, "processes": world_size(),
                "settings": {k: v for k, v in vars(args).items() if k not in ("command", "resumes")},
