@@ -58,15 +58,28 @@ def test_an_existing_sweep_folder_is_refused(tmp_path, capsys):
 
 def test_the_probe_reads_the_mean_training_reward_of_the_last_steps(tmp_path):
     """The learning rate is chosen on the training reward (sampled completions of training
-    problems) of the run's last PROBE_LAST steps; an unfinished run reads as NaN."""
+    problems) of the run's last PROBE_LAST steps; an unfinished run reads as None."""
     run = tmp_path / "run"
     run.mkdir()
     rewards = [0.0] * 5 + [float(i % 2) for i in range(sweep.PROBE_LAST)]
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "reward": r}) + "\n"
                                                for i, r in enumerate(rewards)))
-    assert sweep.final_reward(str(run)) != sweep.final_reward(str(run))  # no summary.json yet: NaN
+    assert sweep.final_rewards(str(run)) is None  # no summary.json yet
     (run / "summary.json").write_text("{}")
-    assert sweep.final_reward(str(run)) == 0.5
+    assert sweep.final_rewards(str(run)) == rewards[5:]
     assert sweep.PROBE_LRS == sorted(sweep.PROBE_LRS) and sweep.PROBE_LRS[0] <= 1e-4 and sweep.PROBE_LRS[-1] >= 1e-1
     decades = [sum(10 ** k <= lr < 10 ** (k + 1) for lr in sweep.PROBE_LRS) for k in range(-4, -1)]
     assert min(decades) >= 3  # at least three rates per decade
+
+
+def test_the_probe_chooses_the_smallest_rate_it_cannot_tell_from_the_best():
+    rates = [1e-3, 2e-3, 5e-3, 1e-2]
+    steady = lambda mean: [mean - 0.01, mean + 0.01] * 5  # noqa: E731  standard error of the mean 0.0033
+    # best 0.80 at 1e-2; 5e-3 is 0.003 below, within the standard error of the difference (0.0047)
+    finals = [steady(0.50), steady(0.70), steady(0.797), steady(0.80)]
+    assert sweep.choose_rate(rates, finals) == 5e-3
+    finals[2] = steady(0.78)  # now clearly below: the best itself
+    assert sweep.choose_rate(rates, finals) == 1e-2
+    noisy = [0.5, 1.0] * 5  # standard error 0.083: 0.75 +- 0.25 cannot be told from 0.80
+    assert sweep.choose_rate(rates, [steady(0.5), noisy, steady(0.78), steady(0.80)]) == 2e-3
+    assert sweep.choose_rate(rates, [None, None, steady(0.6), None]) == 5e-3  # failed runs are never chosen
