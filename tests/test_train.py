@@ -318,7 +318,7 @@ def test_help_shows_every_default_and_the_presets(capsys):
     lines = {line.split(":")[0].strip(): line for line in out.splitlines() if ":" in line}
     for name, preset in settings.PRESETS.items():
         assert all(f"{settings.flag(k)} " in lines[name] for k in preset), name
-    assert "--lr 0.005 " in lines["toy"] and "--system '' " in lines["toy"] and "--clip-high 0.4 " in lines["gsm8k-paper"]
+    assert "--lr 0.002 " in lines["toy"] and "--system '' " in lines["toy"] and "--clip-high 0.4 " in lines["gsm8k-paper"]
 
 
 def test_a_reward_that_never_reads_an_answer_is_reported_before_and_during_training(setup, tmp_path, capsys):
