@@ -25,7 +25,7 @@ toy: setup
 	$(PY) toy.py
 
 # The paper in miniature (docs/results.md): accuracy vs trained parameters, RL vs SFT, on the toy.
-# 93 runs: 12 minutes on 2 cores (docs/results.md); matplotlib (requirements-plot.txt) draws the plot.
+# 93 runs: 14 minutes on 2 cores (docs/results.md); matplotlib (requirements-plot.txt) draws the plot.
 $(VENV)/.plot-installed: $(VENV)/.installed requirements-plot.txt
 	$(PY) -m pip install --quiet -r requirements-plot.txt
 	touch $@

@@ -1,6 +1,6 @@
 """The paper in miniature: held-out accuracy vs number of trained parameters, RL vs SFT.
 
-    python sweep.py                  the full sweep on the embedded toy (make sweep; 12 min
+    python sweep.py                  the full sweep on the embedded toy (make sweep; 14 min
                                      on 2 cores): sweeps/<date-time>/results.{md,json} + plot
     python sweep.py --quick          a plumbing check: 2 points, 1 seed, 2 steps, 16 problems
     python sweep.py --probe-lr --out DIR

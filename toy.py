@@ -480,7 +480,8 @@ def steerability(model, tok, rows, config):
     log q(`Answer`), and H = Hessian of the step-by-step solutions' mean NLL (nats per solution,
     the opener excluded), both in v. The best move of v for a cost of c nats changes the log-odds by
     sqrt(2 c g^T H^-1 g). Returns (sqrt(g^T H^-1 g): the log-odds change that costs half a nat, the
-    mean log-odds at v = 0). Large: the style moves while the arithmetic keeps its likelihood."""
+    mean log-odds at v = 0). Large: the style moves while the arithmetic keeps its likelihood. NaN
+    when H is not positive definite: the quadratic model then has no minimum to measure from."""
     import tinylora
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -554,11 +555,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval", action="store_true", help="only measure the existing toy/base on toy/data/eval.jsonl")
     parser.add_argument("--adapter", help="with --eval: measure toy/base with this trained adapter folded in")
-    parser.add_argument("--steer", action="store_true", help="with --eval: also print the default adapter's "
-                        "steerability on 128 training problems (see `steerability`)")
+    parser.add_argument("--steer", action="store_true", help="with --eval: also print the base model's steerability "
+                        "by the default adapter on 128 training problems (see `steerability`)")
     args = parser.parse_args()
     if (args.adapter or args.steer) and not args.eval:
         parser.error("--adapter and --steer need --eval")
+    if args.adapter and args.steer:
+        parser.error("--steer measures the base model; leave out --adapter")
     torch.set_num_threads(1)  # a 0.31M-parameter model: one thread is fastest and deterministic
     torch.use_deterministic_algorithms(True)
     if not args.eval:
