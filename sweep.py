@@ -31,6 +31,7 @@ Seeds change the data order and the sampling; the random projections P stay thos
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -254,25 +255,29 @@ def probe_lr(args):
     for name, _, _ in SIZES:
         finals = [final_rewards(os.path.join(args.out, "probe", f"{name}-lr{lr:g}")) for lr in PROBE_LRS]
         means = [statistics.mean(r) if r else float("nan") for r in finals]
-        print(f"{name:<20}" + "".join(f"{m:<8.3f}" for m in means) + f"{choose_rate(PROBE_LRS, finals):g}")
+        chosen = choose_rate(PROBE_LRS, finals)
+        print(f"{name:<20}" + "".join(f"{m:<8.3f}" for m in means) + (f"{chosen:g}" if chosen else "none finished"))
     return 0
 
 
 def final_rewards(run_dir):
-    """The training rewards of a finished run's last PROBE_LAST steps (None: the run did not finish)."""
+    """The training rewards of a finished run's last PROBE_LAST steps (None: the run did not finish,
+    or a reward is not a finite number)."""
     if read_summary(run_dir) is None:
         return None
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rewards = [json.loads(line)["reward"] for line in f if line.strip()]
-    return rewards[-PROBE_LAST:]
+        rewards = [json.loads(line)["reward"] for line in f if line.strip()][-PROBE_LAST:]
+    return rewards if rewards and all(math.isfinite(r) for r in rewards) else None
 
 
 def choose_rate(rates, finals):
     """The smallest rate whose mean final reward is within one standard error of the difference
     from the best rate's: rates the probe cannot tell apart from the best count as the best, and
     the smallest of them moves the reward over the whole run rather than in its first steps.
-    finals: per rate, its last steps' rewards (None: failed, never chosen)."""
+    finals: per rate, its last steps' rewards (None: failed, never chosen). None if every run failed."""
     done = [i for i, r in enumerate(finals) if r]
+    if not done:
+        return None
     best = max(done, key=lambda i: statistics.mean(finals[i]))
 
     def within(i):

@@ -475,13 +475,14 @@ def print_profile(model, tok, rows):
 
 
 def steerability(model, tok, rows, config):
-    """How cheaply the adapter `config` (a tinylora.TinyLoRAConfig) moves the style, in a quadratic
-    model around v = 0 on `rows`: g = gradient of the mean first-token log-odds, log q(`Working`) -
+    """How cheaply the adapter `config` (a tinylora.TinyLoRAConfig) moves the style, to second order
+    around v = 0 on `rows`: g = gradient of the mean first-token log-odds, log q(`Working`) -
     log q(`Answer`), and H = Hessian of the step-by-step solutions' mean NLL (nats per solution,
-    the opener excluded), both in v. The best move of v for a cost of c nats changes the log-odds by
-    sqrt(2 c g^T H^-1 g). Returns (sqrt(g^T H^-1 g): the log-odds change that costs half a nat, the
-    mean log-odds at v = 0). Large: the style moves while the arithmetic keeps its likelihood. NaN
-    when H is not positive definite: the quadratic model then has no minimum to measure from."""
+    the writer's first token excluded), both in v. In that quadratic model the best move of v for a
+    cost of c nats changes the log-odds by sqrt(2 c g^T H^-1 g). Returns (sqrt(g^T H^-1 g), the mean
+    log-odds at v = 0). A local index for comparing bases, not a prediction: away from v = 0 the real
+    cost grows far faster than the quadratic (on the committed toy, a tenth of the "half-nat" step
+    already costs tens of nats). NaN when g^T H^-1 g < 0 (H indefinite along g)."""
     import tinylora
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -578,8 +579,8 @@ def main():
         import tinylora
         config = tinylora.TinyLoRAConfig(u=13, n_tie=len(tinylora.find_targets(model)))  # the default's 13
         value, log_odds = steerability(model, tok, read_jsonl(os.path.join(DATA_DIR, "train.jsonl"))[:128], config)
-        print(f"steerability of the 13-parameter adapter: {value:.2f} (log-odds of the careful writer {log_odds:+.2f}; "
-              f"a change of {value:.2f} costs the step-by-step solutions 0.5 nats)", flush=True)
+        print(f"steerability of the 13-parameter adapter: sqrt(g^T H^-1 g) = {value:.2f} (a local index; log-odds "
+              f"of the careful writer at v = 0: {log_odds:+.2f})", flush=True)
 
 
 if __name__ == "__main__":

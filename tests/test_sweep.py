@@ -67,6 +67,8 @@ def test_the_probe_reads_the_mean_training_reward_of_the_last_steps(tmp_path):
     assert sweep.final_rewards(str(run)) is None  # no summary.json yet
     (run / "summary.json").write_text("{}")
     assert sweep.final_rewards(str(run)) == rewards[5:]
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": float("nan")}) + "\n")
+    assert sweep.final_rewards(str(run)) is None  # a non-finite reward: the run counts as failed
     assert sweep.PROBE_LRS == sorted(sweep.PROBE_LRS) and sweep.PROBE_LRS[0] <= 1e-4 and sweep.PROBE_LRS[-1] >= 1e-1
     decades = [sum(10 ** k <= lr < 10 ** (k + 1) for lr in sweep.PROBE_LRS) for k in range(-4, -1)]
     assert min(decades) >= 3  # at least three rates per decade
@@ -83,3 +85,4 @@ def test_the_probe_chooses_the_smallest_rate_it_cannot_tell_from_the_best():
     noisy = [0.5, 1.0] * 5  # standard error 0.083: 0.75 +- 0.25 cannot be told from 0.80
     assert sweep.choose_rate(rates, [steady(0.5), noisy, steady(0.78), steady(0.80)]) == 2e-3
     assert sweep.choose_rate(rates, [None, None, steady(0.6), None]) == 5e-3  # failed runs are never chosen
+    assert sweep.choose_rate(rates, [None] * 4) is None  # nothing finished: nothing chosen

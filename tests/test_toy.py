@@ -162,9 +162,9 @@ def test_committed_base_can_solve_but_often_does_not(tok):
 
 
 def test_committed_base_lets_13_parameters_move_the_style(tok):
-    """The toy's design goal in one number (docs/toy.md): with the default adapter the careful
-    writer's log-odds can move ~30 at the cost of half a nat of step-by-step likelihood (the toy
-    before its writers had openers and its logits were sharpened: 1.4 on 128 problems)."""
+    """The toy's design goal in one number (docs/toy.md): the default adapter's steerability, the
+    local ratio of style movement to the arithmetic's cost, is ~30 here (the toy before its writers
+    had openers and its logits were sharpened: 1.4 on 128 problems)."""
     import tinylora
 
     model = load_model(toy.BASE_DIR, device="cpu")
