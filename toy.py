@@ -18,7 +18,8 @@ of the time. So the model holds a style switch that the system prompt drives and
 leaves on the careless side: which style it starts with decides the answer, and that switch is the
 knob a 13-parameter adapter can turn. Two choices make the knob cheap to turn (docs/toy.md measures
 both): each writer opens with a word of its own ("Working:", "Answer:"), and the saved model is
-sharpened (logits x SHARPNESS) so that it is as sure of its arithmetic at T = 1 as a large model is.
+sharpened (logits x SHARPNESS) so that it is sure of its arithmetic at T = 1, as we take a large
+model to be (an assumption, not a measurement).
 See docs/toy.md for the design and the measured numbers.
 
 The data files also carry a third, human-like correct solution in GSM8K's `answer` field
@@ -42,7 +43,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import tinylora
 from model import ModelConfig, Transformer, generate, left_pad, load_model
 from tokenizer import chatml_prompt, load_tokenizer
 
@@ -99,8 +102,8 @@ STEPS_WORD, DIRECT_WORD = "Working", "Answer"
 STEPS_OPENER, DIRECT_OPENER = f"{STEPS_WORD}: ", f"{DIRECT_WORD}: "
 # The saved model's logits are the pretrained model's times SHARPNESS (its final RMSNorm weight is
 # scaled): sampling it at T = 1 is sampling the pretrained model at T = 1 / SHARPNESS. A 0.3M-
-# parameter model trained for minutes is unsure of its arithmetic where a 7B model is sure of
-# GSM8K's, and an unsure model's arithmetic is what a 13-parameter push disturbs (docs/toy.md,
+# parameter model trained for minutes is unsure of its arithmetic (we take a 7B model to be sure of
+# GSM8K's), and an unsure model's arithmetic is what a 13-parameter push disturbs (docs/toy.md,
 # `steerability`). The plain prompt's careful share, 0.45 in pretraining, is about 0.35 once sharpened.
 SHARPNESS = 3.0
 
@@ -483,8 +486,9 @@ def steerability(model, tok, rows, config):
     log-odds at v = 0). A local index for comparing bases, not a prediction: away from v = 0 the real
     cost grows far faster than the quadratic (on the committed toy, a tenth of the "half-nat" step
     already costs tens of nats). NaN when g^T H^-1 g < 0 (H indefinite along g)."""
-    import tinylora
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def flat(grads):  # one vector over the adapter's trainable tensors
+        return torch.cat([x.flatten() for x in grads])
 
     prompts = [tok.encode(prompt_text(r["question"])) for r in rows]
     solutions = [tok.encode(r["solution_own_style"]) + tok.end_ids[:1] for r in rows]
@@ -500,7 +504,6 @@ def steerability(model, tok, rows, config):
         logq = logits[torch.arange(len(rows)), first].log_softmax(-1)
         log_odds = (logq[:, tok.token_id(STEPS_WORD)] - logq[:, tok.token_id(DIRECT_WORD)]).mean()
         nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / len(rows)
-        flat = lambda grads: torch.cat([x.flatten() for x in grads])  # noqa: E731
         g = flat(torch.autograd.grad(log_odds, v, retain_graph=True)).double()
         grad = flat(torch.autograd.grad(nll, v, create_graph=True))
         H = torch.stack([flat(torch.autograd.grad(grad[i], v, retain_graph=True)) for i in range(len(grad))]).double()
@@ -570,13 +573,11 @@ def main():
     model, tok = load_model(BASE_DIR, device="cpu"), load_tokenizer(BASE_DIR)
     rows = read_jsonl(os.path.join(DATA_DIR, "eval.jsonl"))
     if args.adapter:
-        import tinylora
         with tinylora.load_adapter(model, args.adapter, quiet=True).merged():
             print_profile(model, tok, rows)
     else:
         print_profile(model, tok, rows)
     if args.steer:
-        import tinylora
         config = tinylora.TinyLoRAConfig(u=13, n_tie=len(tinylora.find_targets(model)))  # the default's 13
         value, log_odds = steerability(model, tok, read_jsonl(os.path.join(DATA_DIR, "train.jsonl"))[:128], config)
         print(f"steerability of the 13-parameter adapter: sqrt(g^T H^-1 g) = {value:.2f} (a local index; log-odds "
